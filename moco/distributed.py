@@ -1,0 +1,117 @@
+"""Shuffling BN: keep the key encoder's BN statistics from leaking which key matches which query.
+
+With BN computed over the same samples in both encoders, the model can "cheat" the pretext task
+through batch statistics. MoCo shuffles the key batch across ranks before the key encoder and
+restores the order after. On one process, SplitBatchNorm plus a local shuffle emulates this.
+
+The DDP helpers assume every rank holds a batch of the same size (drop_last=True).
+"""
+
+import itertools
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def is_distributed() -> bool:
+    """True when more than one process takes part, i.e. when gathering changes anything."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+@torch.no_grad()
+def broadcast_module(module: nn.Module, src: int = 0) -> None:
+    """Copy rank `src`'s parameters and buffers into `module` on every rank (no-op on one process).
+
+    DDP only synchronises what it wraps; call this on the whole MoCo model so the key encoder and
+    the queue start identical on every rank even if ranks were seeded differently.
+    """
+    if is_distributed():
+        for t in itertools.chain(module.parameters(), module.buffers()):
+            dist.broadcast(t, src)
+
+
+@torch.no_grad()
+def concat_all_gather(t: Tensor) -> Tensor:
+    """Concatenate `t` from all ranks along dim 0 (rank order). Carries no gradient."""
+    if not is_distributed():
+        return t
+    t = t.contiguous()  # gloo needs dense, contiguous tensors
+    gathered = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, t)
+    return torch.cat(gathered, dim=0)
+
+
+@torch.no_grad()
+def batch_shuffle_ddp(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Gather all ranks' batches, permute them (rank 0's permutation) and return this rank's share.
+
+    Returns (local shuffled batch, global index that undoes the permutation).
+    """
+    x_all = concat_all_gather(x)
+    idx_shuffle = torch.randperm(x_all.shape[0], device=x.device)
+    dist.broadcast(idx_shuffle, src=0)
+    idx_unshuffle = torch.argsort(idx_shuffle)
+    idx_this = idx_shuffle.view(dist.get_world_size(), -1)[dist.get_rank()]
+    return x_all[idx_this], idx_unshuffle
+
+
+@torch.no_grad()
+def batch_unshuffle_ddp(x: Tensor, idx_unshuffle: Tensor) -> Tensor:
+    """Undo batch_shuffle_ddp: each rank gets back the rows of its original batch, in order."""
+    x_all = concat_all_gather(x)
+    idx_this = idx_unshuffle.view(dist.get_world_size(), -1)[dist.get_rank()]
+    return x_all[idx_this]
+
+
+@torch.no_grad()
+def batch_shuffle_single(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Single-process shuffle: (permuted batch, index that restores the original order)."""
+    idx_shuffle = torch.randperm(x.shape[0], device=x.device)
+    return x[idx_shuffle], torch.argsort(idx_shuffle)
+
+
+@torch.no_grad()
+def batch_unshuffle_single(x: Tensor, idx_unshuffle: Tensor) -> Tensor:
+    """Undo batch_shuffle_single."""
+    return x[idx_unshuffle]
+
+
+class SplitBatchNorm(nn.BatchNorm2d):
+    """BatchNorm2d whose train-mode statistics are computed separately on `num_splits` sub-batches.
+
+    Emulates per-GPU BN on one process (as in the official MoCo CIFAR-10 demo): sample i belongs
+    to split i % num_splits. Running statistics are the average of the splits' running statistics;
+    eval mode is plain BatchNorm2d.
+    """
+
+    def __init__(self, num_features: int, num_splits: int, **kwargs) -> None:
+        super().__init__(num_features, **kwargs)
+        self.num_splits = num_splits
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training:
+            return super().forward(x)
+        n, c, h, w = x.shape
+        s = self.num_splits
+        if n % s:
+            raise ValueError(f"batch of {n} cannot be split into {s} equal BN splits")
+        # Folding the splits into channels lets one batch_norm call normalise every split.
+        mean_split = self.running_mean.repeat(s)
+        var_split = self.running_var.repeat(s)
+        out = F.batch_norm(
+            x.reshape(n // s, c * s, h, w),
+            mean_split,
+            var_split,
+            self.weight.repeat(s),
+            self.bias.repeat(s),
+            True,
+            self.momentum,
+            self.eps,
+        ).view(n, c, h, w)
+        self.running_mean.copy_(mean_split.view(s, c).mean(dim=0))
+        self.running_var.copy_(var_split.view(s, c).mean(dim=0))
+        if x.is_contiguous(memory_format=torch.channels_last):
+            out = out.contiguous(memory_format=torch.channels_last)
+        return out

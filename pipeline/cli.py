@@ -1,0 +1,116 @@
+"""`mocopipe`: one subcommand per stage, each a thin shell around the stage function.
+
+Every command takes `--params FILE` and `--set key=value` overrides; the config is validated
+before any work starts, and expected failures print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from pipeline.config import ConfigError, Params, load_params
+from pipeline.errors import StageError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+
+ParamsOpt = Annotated[Path, typer.Option("--params", help="The config file (params.yaml).")]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a key: --set moco.temperature=0.2 (repeatable)."),
+]
+
+
+def _params(params: Path, overrides: list[str] | None) -> Params:
+    return load_params(params, overrides or [])
+
+
+def _clean_errors(command: Callable) -> Callable:
+    """Bad input ends with one readable line, not a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except (ConfigError, ValueError, FileNotFoundError, StageError) as error:
+            typer.secho(f"error: {error}", fg="red", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+@app.command()
+@_clean_errors
+def shard(
+    params: ParamsOpt = Path("params.yaml"),
+    overrides: SetOpt = None,
+    source: Annotated[str | None, typer.Option(help="Override data.source.")] = None,
+) -> None:
+    """Write the source images as WebDataset shards with a manifest (incremental)."""
+    from pipeline.shard import shard as run_shard
+
+    typer.echo(run_shard(_params(params, overrides), source).render())
+
+
+@app.command()
+@_clean_errors
+def pretrain(
+    params: ParamsOpt = Path("params.yaml"),
+    overrides: SetOpt = None,
+    resume: Annotated[bool, typer.Option(help="Continue the latest run.")] = False,
+    address: Annotated[str | None, typer.Option(help="Ray cluster (or RAY_ADDRESS).")] = None,
+    max_failures: Annotated[int, typer.Option(help="Worker failures to survive.")] = 0,
+) -> None:
+    """MoCo pretraining on Ray Train; logs the run and the encoder to MLflow."""
+    from pipeline.pretrain import pretrain as run_pretrain
+
+    result = run_pretrain(
+        _params(params, overrides), resume=resume, address=address, max_failures=max_failures
+    )
+    typer.echo(result.render())
+
+
+@app.command()
+@_clean_errors
+def evaluate(
+    model: Annotated[str, typer.Option(help="Encoder folder, runs:/... or models:/name@alias.")] = (
+        "models/encoder"
+    ),
+    params: ParamsOpt = Path("params.yaml"),
+    overrides: SetOpt = None,
+) -> None:
+    """Frozen-encoder metrics next to the raw-pixel and random-init references."""
+    from pipeline.evaluate import evaluate as run_evaluate
+
+    typer.echo(run_evaluate(_params(params, overrides), model).render())
+
+
+@app.command()
+@_clean_errors
+def promote(
+    model: Annotated[
+        str, typer.Option(help="The candidate: an exported encoder folder or its MLflow URI.")
+    ] = "models/encoder",
+    params: ParamsOpt = Path("params.yaml"),
+    overrides: SetOpt = None,
+    metrics: Annotated[Path, typer.Option(help="Its evaluation (metrics.json).")] = Path(
+        "metrics.json"
+    ),
+) -> None:
+    """Register the candidate; move @production only if it passes the gate."""
+    from pipeline.promote import promote as run_promote
+    from pipeline.tracking import exported_run
+
+    values = json.loads(metrics.read_text())
+    data_version = values.pop("data_version", "unknown")
+    model_uri = exported_run(model).get("model_uri", model)
+    typer.echo(run_promote(_params(params, overrides), model_uri, values, data_version).render())
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,216 @@
+"""The one config: `params.yaml` loaded into typed, validated objects.
+
+Every stage takes a `Params` object. Validation happens here, once, before any work starts,
+so a bad value is refused with one line naming the key instead of failing an hour into a run.
+DVC reads the same file for its stage `params:`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message is one line naming the key and the fix."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataParams(_Section):
+    source: str = "fashion-mnist"  # fashion-mnist | digits | a folder of images
+    fashion_mnist_dir: str = "/usr/share/datasets/fashion-mnist"
+    shards_dir: str = "data/shards"
+    shard_max_count: int = Field(10_000, ge=1)
+    shard_max_bytes: int = Field(100_000_000, ge=1024)
+    train_limit: int = Field(0, ge=0)  # 0 = every image; >0 caps a split (tests, demos)
+    test_limit: int = Field(0, ge=0)
+    max_pixels: int = Field(89_478_485, ge=1)  # decompression-bomb guard (PIL's default)
+    min_shards: int = Field(8, ge=1)  # per split, so 2 ranks x 2 loader workers all get shards
+    image_mode: Literal["auto", "L", "RGB"] = "auto"  # auto: grayscale sets stay 1-channel
+
+
+class ModelParams(_Section):
+    backbone: Literal["resnet18", "resnet50"] = "resnet18"
+    width: int = Field(32, ge=4)
+    small_stem: bool = True
+    in_channels: Literal[1, 3] = 1
+    image_size: int = Field(28, ge=8)
+    dim: int = Field(128, ge=2)
+    mlp: bool = True
+    mean: list[float] = [0.286]
+    std: list[float] = [0.353]
+
+    @model_validator(mode="after")
+    def _stats_match_channels(self) -> ModelParams:
+        if len(self.mean) != self.in_channels or len(self.std) != self.in_channels:
+            raise ValueError(
+                f"model.mean: mean and std need {self.in_channels} value(s) each for "
+                f"in_channels={self.in_channels}"
+            )
+        return self
+
+
+class MocoParams(_Section):
+    queue_size: int = Field(4096, ge=1)
+    momentum: float = Field(0.99, ge=0.0, lt=1.0)
+    momentum_schedule: Literal["constant", "cosine"] = "constant"
+    temperature: float = Field(0.1, gt=0.0)
+    symmetric: bool = False
+    bn_splits: int = Field(2, ge=1)  # single-process shuffle BN emulation (official CIFAR demo)
+    augmentation: Literal["v1", "v2"] = "v2"
+
+
+class TrainParams(_Section):
+    epochs: int = Field(2, ge=1)
+    batch_size: int = Field(128, ge=2)  # per Ray worker
+    lr: float = Field(0.06, gt=0.0)  # for a global batch of 256; scaled linearly
+    weight_decay: float = Field(5e-4, ge=0.0)
+    sgd_momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    schedule: Literal["cosine", "step"] = "cosine"
+    warmup_epochs: float = Field(0.0, ge=0.0)
+    precision: Literal["fp32", "bf16"] = "bf16"
+    channels_last: bool = True
+    compile: bool = False
+    num_workers: int = Field(2, ge=1)  # Ray Train workers (DDP ranks)
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+    use_gpu: bool = False
+    loader_workers: int = Field(0, ge=0)  # DataLoader processes per Ray worker
+    shuffle_buffer: int = Field(2000, ge=0)
+    checkpoint_every: int = Field(1, ge=1)
+    storage_path: str = "runs/ray"  # Ray Train checkpoints (local folder or s3://)
+    output_dir: str = "models/encoder"  # the final encoder + run.json (a DVC output)
+    init_from: str = ""  # warm start: a checkpoint file or models:/moco-encoder@production
+    seed: int = 0
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.num_workers
+
+
+class EvalParams(_Section):
+    knn_k: int = Field(200, ge=1)
+    knn_t: float = Field(0.1, gt=0.0)
+    batch_size: int = Field(512, ge=1)
+    monitor_bank: int = Field(5000, ge=0)  # per-epoch kNN monitor: train images as the bank
+    monitor_queries: int = Field(1000, ge=0)  # ... and test images as queries (0 = off)
+    metrics_file: str = "metrics.json"
+
+
+class TrackingParams(_Section):
+    uri: str = "sqlite:///mlflow.db"  # MLFLOW_TRACKING_URI, when set, wins
+    experiment: str = "moco-pretrain"
+    artifact_location: str = "mlartifacts"
+
+
+class RegistryParams(_Section):
+    model_name: str = "moco-encoder"
+    primary_metric: str = "knn_top1"
+    min_gain: float = Field(0.0, ge=0.0)
+
+
+class Params(_Section):
+    data: DataParams = DataParams()
+    model: ModelParams = ModelParams()
+    moco: MocoParams = MocoParams()
+    train: TrainParams = TrainParams()
+    eval: EvalParams = EvalParams()
+    tracking: TrackingParams = TrackingParams()
+    registry: RegistryParams = RegistryParams()
+
+    @model_validator(mode="after")
+    def _queue_fits_batch(self) -> Params:
+        keys_per_step = self.train.global_batch * (2 if self.moco.symmetric else 1)
+        if self.moco.queue_size < keys_per_step:
+            raise ValueError(
+                f"moco.queue_size: {self.moco.queue_size} is smaller than the keys enqueued "
+                "per step "
+                f"({keys_per_step} = train.batch_size x train.num_workers"
+                f"{' x 2 (symmetric)' if self.moco.symmetric else ''}); raise the queue or lower "
+                "the batch"
+            )
+        return self
+
+    def to_flat_dict(self) -> dict[str, Any]:
+        """Dotted keys, for MLflow params and readable logs."""
+        return dict(_flatten(self.model_dump()))
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    items: list[tuple[str, Any]] = []
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            items.extend(_flatten(value, f"{name}."))
+        else:
+            items.append((name, value))
+    return items
+
+
+def _apply_override(tree: dict[str, Any], assignment: str) -> None:
+    if "=" not in assignment:
+        raise ConfigError(
+            f"--set {assignment!r}: expected KEY=VALUE, e.g. --set moco.temperature=0.2"
+        )
+    key, raw = assignment.split("=", 1)
+    *parents, leaf = key.strip().split(".")
+    node = tree
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: {part!r} is a value, not a section")
+    node[leaf] = yaml.safe_load(raw)
+
+
+def _describe(error: ValidationError, source: str) -> str:
+    first = error.errors()[0]
+    key = ".".join(str(p) for p in first["loc"])
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "value_error" and ": " in message:  # a cross-field check names its key
+        key, message = message.split(": ", 1)
+        return f"{source}: {key}: {message}"
+    if first["type"] == "extra_forbidden":
+        message = "unknown key (check the spelling against params.yaml)"
+    got = f" (got {first['input']!r})" if first["type"] != "extra_forbidden" and key else ""
+    if len(got) > 80:
+        got = ""
+    return f"{source}: {key}: {message}{got}; fix it in the file or with --set {key}=..."
+
+
+def load_params(
+    path: str | Path | None = DEFAULT_PARAMS, overrides: list[str] | None = None
+) -> Params:
+    """Read params.yaml (if it exists), apply `--set a.b=value` overrides, validate once."""
+    tree: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if path.exists():
+            loaded = yaml.safe_load(path.read_text()) or {}
+            if not isinstance(loaded, dict):
+                raise ConfigError(
+                    f"{path}: expected a mapping of sections, got {type(loaded).__name__}"
+                )
+            tree = loaded
+        elif path != DEFAULT_PARAMS:
+            raise ConfigError(f"{path}: no such params file; pass --params with an existing file")
+    for assignment in overrides or []:
+        _apply_override(tree, assignment)
+    try:
+        return Params.model_validate(tree)
+    except ValidationError as error:
+        raise ConfigError(_describe(error, source)) from None
+
+
+def dump_params(params: Params, path: str | Path) -> None:
+    """Write params in params.yaml's shape (e.g. the best config of a sweep)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(params.model_dump(), sort_keys=False))

@@ -1,0 +1,309 @@
+"""Reading the shards: manifests, data version, and the streaming train/eval loaders.
+
+Why it is built this way:
+- Shards are split by rank and by DataLoader worker *before* they are shuffled, so which shards a
+  rank reads never changes between epochs and `steps_per_epoch` can be exact. DDP needs every rank
+  to take the same number of steps or it hangs: iterate at most `steps_per_epoch` batches (pass
+  `steps=` to `training_loader`).
+- The rank is read once, when the loader is built (torch.distributed first, as Ray Train and
+  torchrun initialise it, then RANK/WORLD_SIZE), and baked into the pipeline: DataLoader worker
+  processes never see an initialised process group, and webdataset's own `split_by_node` trusts
+  RANK/WORLD_SIZE before torch.distributed.
+- Only image, `cls` and `json` members are ever read out of a tar and they are decoded
+  explicitly (PIL for images): no pickle-based decoder can run on shard contents.
+- Shard URLs may be local paths, `pipe:` commands or any fsspec URL (s3://, gs://, file://...).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from functools import partial
+from itertools import islice
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import fsspec
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader, get_worker_info
+from webdataset.gopen import gopen
+from webdataset.tariterators import group_by_keys, tar_file_expander
+from webdataset.utils import make_seed
+
+IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
+_READ_KEYS = frozenset((*IMAGE_KEYS, "cls", "json"))
+_NATIVE_SCHEMES = ("", "pipe")  # everything else goes through fsspec
+NO_LABEL = -1
+
+
+# --- manifests --------------------------------------------------------------------------------
+
+
+def read_manifest(shards_dir: str | Path, split: str) -> dict[str, Any]:
+    """`<shards_dir>/<split>/manifest.json`, local or through fsspec."""
+    fs, root = fsspec.core.url_to_fs(str(shards_dir))
+    path = f"{root.rstrip('/')}/{split}/manifest.json"
+    try:
+        with fs.open(path, "rt") as stream:
+            return json.load(stream)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"{shards_dir}/{split}/manifest.json not found: run the shard stage "
+            "(dvc repro shard) or fetch the shards (dvc pull)"
+        ) from None
+
+
+def manifest_version(manifest: dict[str, Any]) -> str:
+    """A split's data version: what a model sees (shard contents, classes, image mode)."""
+    seen = {
+        "split": manifest["split"],
+        "classes": manifest["classes"],
+        "image_mode": manifest["image_mode"],
+        "shards": [[s["file"], s["sha256"], s["samples"]] for s in manifest["shards"]],
+    }
+    return _short_hash(json.dumps(seen, sort_keys=True))
+
+
+def data_version(shards_dir: str | Path) -> str:
+    """A short stable hash over every split's manifest version (for MLflow tags and logs)."""
+    fs, root = fsspec.core.url_to_fs(str(shards_dir))
+    paths = sorted(fs.glob(f"{root.rstrip('/')}/*/manifest.json"))
+    if not paths:
+        raise FileNotFoundError(f"no split manifest under {shards_dir}: run the shard stage first")
+    parts = []
+    for path in paths:
+        with fs.open(path, "rt") as stream:
+            manifest = json.load(stream)
+        parts.append(f"{manifest['split']}:{manifest['data_version']}")
+    return _short_hash("\n".join(parts))
+
+
+def _short_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def shard_urls(shards_dir: str | Path, split: str) -> list[str]:
+    """Absolute local paths, or `<shards_dir>/<split>/<file>` URLs for remote shards_dir."""
+    files = [s["file"] for s in read_manifest(shards_dir, split)["shards"]]
+    fs, root = fsspec.core.url_to_fs(str(shards_dir))
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    if "file" in protocols:
+        base = Path(root).resolve() / split
+        return [str(base / name) for name in files]
+    return [f"{str(shards_dir).rstrip('/')}/{split}/{name}" for name in files]
+
+
+def steps_per_epoch(
+    shards_dir: str | Path, split: str, *, world_size: int, loader_workers: int, batch_size: int
+) -> int:
+    """Full batches every rank can yield in one pass: the minimum over ranks (0: some rank
+    cannot fill one batch; lower the batch size or re-shard with a larger data.min_shards).
+
+    Mirrors the loader: shard i goes to rank i % world_size, then round-robin to that rank's
+    loader workers; each worker batches its own stream and drops its last partial batch."""
+    counts = [s["samples"] for s in read_manifest(shards_dir, split)["shards"]]
+    return min(
+        _rank_batches(counts[rank::world_size], loader_workers, batch_size)
+        for rank in range(world_size)
+    )
+
+
+def _rank_batches(counts: Sequence[int], loader_workers: int, batch_size: int) -> int:
+    workers = max(1, loader_workers)
+    return sum(sum(counts[w::workers]) // batch_size for w in range(workers))
+
+
+# --- loaders --------------------------------------------------------------------------------
+
+
+def training_loader(
+    urls: list[str],
+    *,
+    transform: Callable[[Tensor], tuple[Tensor, Tensor]],
+    batch_size: int,
+    shuffle_buffer: int,
+    seed: int,
+    epoch: int,
+    loader_workers: int,
+    steps: int | None = None,
+    resampled: bool = False,
+) -> Iterable[tuple[Tensor, Tensor]]:
+    """(view_q, view_k) batches [B, C, H, W] for this rank; same (seed, epoch), same order.
+
+    `steps` caps the batches (pass steps_per_epoch(...) so all DDP ranks stop together; required
+    with `resampled=True`, where shards are drawn with replacement, seeded per rank and worker,
+    for runs whose epochs should not follow shard boundaries)."""
+    if resampled and steps is None:
+        raise ValueError("training_loader(resampled=True) streams forever: pass steps=")
+    rank, world_size = _rank_world()
+    shard_seed = make_seed(seed, epoch)
+    if resampled:
+        worker_seed = _RankWorker(rank)
+        shards = [
+            wds.ResampledShards(
+                _require(urls), seed=shard_seed, worker_seed=worker_seed, deterministic=True
+            )
+        ]
+    else:
+        shards = [
+            wds.SimpleShardList(_require(urls)),
+            _NodeSplit(rank, world_size),
+            wds.split_by_worker,
+            wds.detshuffle(len(urls), initial=len(urls), seed=shard_seed),
+        ]
+    stages = [*shards, _tar_samples]
+    if shuffle_buffer > 0:
+        seed_buffer = make_seed(seed, epoch, rank)
+        stages.append(wds.shuffle(shuffle_buffer, initial=shuffle_buffer, seed=seed_buffer))
+    stages += [
+        wds.map(partial(_two_views, transform=transform)),
+        wds.batched(batch_size, collation_fn=_collate, partial=False),
+    ]
+    generator = torch.Generator().manual_seed(make_seed(seed, epoch, rank))
+    return _loader(stages, loader_workers, steps, generator)
+
+
+def eval_loader(
+    urls: list[str],
+    *,
+    transform: Callable[[Tensor], Tensor],
+    batch_size: int,
+    loader_workers: int = 0,
+) -> Iterable[tuple[Tensor, Tensor]]:
+    """(images, labels) batches; every sample once, in shard order (not split by rank).
+
+    Labels are class indices, -1 for unlabelled samples. With loader_workers > 0, batches
+    interleave round-robin over workers: still deterministic for a given worker count."""
+    stages = [
+        wds.SimpleShardList(_require(urls)),
+        wds.split_by_worker,
+        _tar_samples,
+        wds.map(partial(_labelled_view, transform=transform)),
+        wds.batched(batch_size, collation_fn=_collate, partial=True),
+    ]
+    return _loader(stages, loader_workers, None, None)
+
+
+def _require(urls: list[str]) -> list[str]:
+    if not urls:
+        raise ValueError("no shard URLs given: check shard_urls(shards_dir, split)")
+    return list(urls)
+
+
+def _loader(
+    stages: list[Any], workers: int, steps: int | None, generator: torch.Generator | None
+) -> Iterable[Any]:
+    pipeline = wds.DataPipeline(*stages)
+    loader = DataLoader(pipeline, batch_size=None, num_workers=workers, generator=generator)
+    return loader if steps is None else _Steps(loader, steps)
+
+
+class _Steps:
+    """At most `steps` batches, with a len() for schedulers and progress bars."""
+
+    def __init__(self, loader: Iterable[Any], steps: int) -> None:
+        self.loader, self.steps = loader, steps
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[Any]:
+        return islice(iter(self.loader), self.steps)
+
+
+def _rank_world() -> tuple[int, int]:
+    """torch.distributed when initialised (Ray Train, torchrun), else RANK/WORLD_SIZE env."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+class _NodeSplit:
+    """This rank's shards: every world_size-th, from its rank (fixed at build time)."""
+
+    def __init__(self, rank: int, world_size: int) -> None:
+        self.rank, self.world_size = rank, world_size
+
+    def __call__(self, src: Iterable[Any]) -> Iterator[Any]:
+        return islice(src, self.rank, None, self.world_size)
+
+
+class _RankWorker:
+    """Resampling seed part: distinct per rank and DataLoader worker."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+
+    def __call__(self) -> int:
+        info = get_worker_info()
+        return self.rank * 1000 + (info.id if info else 0)
+
+
+# --- reading samples --------------------------------------------------------------------------
+
+
+def _tar_samples(src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """Opened shards -> samples holding only image/cls/json bytes."""
+    files = tar_file_expander(_open_shards(src), select_files=_wanted)
+    return group_by_keys(files)
+
+
+def _open_shards(src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    for item in src:
+        url = item["url"]
+        if urlparse(url).scheme in _NATIVE_SCHEMES:
+            stream = gopen(url, "rb")
+        else:
+            stream = fsspec.open(url, "rb").open()
+        yield {**item, "stream": stream}
+
+
+def _wanted(name: str) -> bool:
+    """Member filter: `.pyd`, `.pth`, `.pickle` and anything else unexpected is never read."""
+    return name.rsplit("/", 1)[-1].partition(".")[2].lower() in _READ_KEYS
+
+
+def decode_image(data: bytes) -> Tensor:
+    """Encoded image -> uint8 CHW tensor: 1 channel for grayscale, 3 for colour."""
+    with Image.open(io.BytesIO(data)) as image:
+        if image.mode not in ("L", "RGB"):
+            image = image.convert("RGB")
+        pixels = np.array(image, dtype=np.uint8)
+    tensor = torch.from_numpy(pixels)
+    return tensor.unsqueeze(0) if tensor.ndim == 2 else tensor.permute(2, 0, 1).contiguous()
+
+
+def _image(sample: dict[str, Any]) -> Tensor:
+    for key in IMAGE_KEYS:
+        if key in sample:
+            return decode_image(sample[key])
+    raise ValueError(f"sample {sample.get('__key__')} in {sample.get('__url__')} has no image")
+
+
+def _label(sample: dict[str, Any]) -> int:
+    return int(sample["cls"]) if "cls" in sample else NO_LABEL
+
+
+def _two_views(sample: dict[str, Any], *, transform: Callable) -> tuple[Tensor, Tensor]:
+    view_q, view_k = transform(_image(sample))
+    return view_q, view_k
+
+
+def _labelled_view(sample: dict[str, Any], *, transform: Callable) -> tuple[Tensor, int]:
+    return transform(_image(sample)), _label(sample)
+
+
+def _collate(samples: list[tuple[Any, ...]]) -> tuple[Tensor, ...]:
+    columns = zip(*samples, strict=True)
+    return tuple(
+        torch.stack(column) if isinstance(column[0], Tensor) else torch.tensor(column)
+        for column in columns
+    )

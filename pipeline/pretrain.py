@@ -1,0 +1,208 @@
+"""The pretrain stage: MoCo on Ray Train, tracked in one MLflow run.
+
+The driver checks that the run can work, starts Ray Train workers (pipeline/train_worker.py),
+turns each epoch's report into MLflow metrics and a progress line, and logs the final encoder.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.tracking import MlflowClient
+from ray.train import (
+    CheckpointConfig,
+    FailureConfig,
+    RunConfig,
+    ScalingConfig,
+    TrainingFailedError,
+    UserCallback,
+)
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from pipeline.config import Params
+from pipeline.dataset import data_version, read_manifest, shard_urls, steps_per_epoch
+from pipeline.encoder import RUN_FILE, SPEC_FILE, WEIGHTS_FILE
+from pipeline.errors import StageError
+from pipeline.plots import plot_training_curves
+from pipeline.ray_cluster import check_resources, ensure_ray
+from pipeline.tracking import git_commit, log_encoder, setup_mlflow, tracking_uri
+from pipeline.train_worker import WorkerConfig, train_loop
+
+LATEST_RUN_FILE = "latest-pretrain.json"  # under train.storage_path: what --resume continues
+
+
+@dataclass
+class PretrainResult:
+    run_id: str
+    model_uri: str  # runs:/<run_id>/encoder, the MLflow model
+    encoder_dir: str  # local copy of the final encoder (safetensors + spec)
+    metrics: dict[str, float]
+    data_version: str
+
+    def render(self) -> str:
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in self.metrics.items() if k != "epoch")
+        return f"pretrain: run {self.run_id} ({shown})\n  model: {self.model_uri}"
+
+
+class EpochReporter(UserCallback):
+    """Runs in Ray Train's controller: one progress line and MLflow metrics per epoch."""
+
+    def __init__(self, tracking: str, run_id: str, epochs: int) -> None:
+        self.tracking, self.run_id, self.epochs = tracking, run_id, epochs
+
+    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
+        row = metrics[0]  # rank 0 holds the kNN monitor
+        epoch = int(row["epoch"])
+        values = {k: float(v) for k, v in row.items() if k != "epoch"}
+        MlflowClient(self.tracking).log_batch(
+            self.run_id,
+            metrics=[mlflow.entities.Metric(k, v, 0, epoch) for k, v in values.items()],
+        )
+        shown = "  ".join(f"{k} {v:.4g}" for k, v in values.items())
+        print(f"[pretrain] epoch {epoch + 1}/{self.epochs}  {shown}", flush=True)
+
+
+def _plan(params: Params) -> WorkerConfig:
+    """Resolve the data layout and refuse impossible configs before Ray starts."""
+    shards = params.data.shards_dir
+    t = params.train
+    try:
+        train_urls = shard_urls(shards, "train")
+    except FileNotFoundError:
+        raise ValueError(f"{shards}/train: no shard manifest; run `mocopipe shard` first") from None
+    steps = steps_per_epoch(
+        shards,
+        "train",
+        world_size=t.num_workers,
+        loader_workers=t.loader_workers,
+        batch_size=t.batch_size,
+    )
+    if steps < 1:
+        samples = read_manifest(shards, "train")["samples"]
+        raise ValueError(
+            f"train.batch_size x train.num_workers = {t.global_batch} is more than each worker "
+            f"can read from {samples} training images; lower train.batch_size"
+        )
+    labelled = _labelled_splits(shards)
+    monitor = params.eval.monitor_bank > 0 and {"train", "test"} <= labelled
+    return WorkerConfig(
+        params=params.model_dump(),
+        train_urls=train_urls,
+        monitor_bank_urls=train_urls if monitor else [],
+        monitor_query_urls=shard_urls(shards, "test") if monitor else [],
+        num_classes=len(read_manifest(shards, "train").get("classes") or []),
+        steps_per_epoch=steps,
+    )
+
+
+def _labelled_splits(shards_dir: str) -> set[str]:
+    splits = set()
+    for split in ("train", "test"):
+        try:
+            if read_manifest(shards_dir, split).get("classes"):
+                splits.add(split)
+        except FileNotFoundError:
+            continue
+    return splits
+
+
+def pretrain(
+    params: Params, *, resume: bool = False, address: str | None = None, max_failures: int = 0
+) -> PretrainResult:
+    """Train MoCo on the train shards; returns the MLflow run and the exported encoder."""
+    worker_config = _plan(params)
+    t = params.train
+    check_resources(ensure_ray(address), t.num_workers, t.cpus_per_worker, t.use_gpu)
+    storage = Path(t.storage_path).resolve()
+    storage.mkdir(parents=True, exist_ok=True)
+    latest = storage / LATEST_RUN_FILE
+
+    experiment_id = setup_mlflow(params)
+    version = data_version(params.data.shards_dir)
+    if resume:
+        if not latest.exists():
+            raise ValueError(f"{latest}: no earlier pretraining to resume; run without --resume")
+        run_id = json.loads(latest.read_text())["run_id"]
+        mlflow.start_run(run_id=run_id)
+    else:
+        mlflow.start_run(experiment_id=experiment_id)
+        mlflow.log_params(params.to_flat_dict())
+        mlflow.set_tags(
+            {
+                "git_commit": git_commit(),
+                "data_version": version,
+                "ray_workers": t.num_workers,
+                "stage": "pretrain",
+            }
+        )
+        run_id = mlflow.active_run().info.run_id
+        latest.write_text(json.dumps({"run_id": run_id}))
+    try:
+        result = _fit(params, worker_config, run_id, storage, max_failures)
+        encoder_dir = _export(result.checkpoint, Path(t.output_dir))
+        model_uri = log_encoder(encoder_dir)
+        (encoder_dir / RUN_FILE).write_text(
+            json.dumps({"run_id": run_id, "model_uri": model_uri, "data_version": version})
+        )
+        final_metrics = MlflowClient().get_run(run_id).data.metrics
+        mlflow.log_figure(plot_training_curves(run_id), "training_curves.png")
+    except BaseException as error:
+        mlflow.set_tag("failure", f"{type(error).__name__}: {error}"[:5000])
+        mlflow.end_run(status="FAILED")
+        raise
+    mlflow.end_run()
+    return PretrainResult(run_id, model_uri, str(encoder_dir), final_metrics, version)
+
+
+def _export(checkpoint, output_dir: Path) -> Path:
+    """Copy the encoder out of the final checkpoint (retention may delete the checkpoint)."""
+    shutil.rmtree(output_dir, ignore_errors=True)
+    output_dir.mkdir(parents=True)
+    with checkpoint.as_directory() as directory:
+        for name in (WEIGHTS_FILE, SPEC_FILE):
+            shutil.copy2(Path(directory) / name, output_dir / name)
+    return output_dir
+
+
+def _fit(params: Params, worker_config: WorkerConfig, run_id: str, storage: Path, max_failures):
+    t = params.train
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=asdict(worker_config),
+        scaling_config=ScalingConfig(
+            num_workers=t.num_workers,
+            use_gpu=t.use_gpu,
+            resources_per_worker={"CPU": t.cpus_per_worker} | ({"GPU": 1} if t.use_gpu else {}),
+        ),
+        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=f"pretrain-{run_id}",
+            storage_path=str(storage),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            failure_config=FailureConfig(max_failures=max_failures),
+            callbacks=[EpochReporter(tracking_uri(params), run_id, t.epochs)],
+            worker_runtime_env={"env_vars": {"MLFLOW_TRACKING_URI": tracking_uri(params)}},
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except TrainingFailedError as error:
+        raise StageError(f"pretrain failed: {_root_cause(error)}") from error
+    if result.error is not None:
+        raise StageError(f"pretrain failed: {_root_cause(result.error)}") from result.error
+    return result
+
+
+def _root_cause(error: BaseException) -> str:
+    """The first failing worker's own exception, in one line (not Ray's whole report)."""
+    failures = getattr(error, "worker_failures", None) or {}
+    if failures:
+        rank = min(failures)
+        error = getattr(failures[rank], "cause", None) or failures[rank]
+        return f"rank {rank}: {type(error).__name__}: {str(error).strip().splitlines()[-1]}"
+    return f"{type(error).__name__}: {str(error).strip().splitlines()[0]}"

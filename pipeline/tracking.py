@@ -1,0 +1,100 @@
+"""MLflow wiring: where the store is, which experiment, and how an encoder is logged.
+
+The embedded default is SQLite in the project folder; `MLFLOW_TRACKING_URI` points every stage
+(and the Ray workers) at a server instead, with no code change.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import mlflow
+import torch
+from mlflow.models import infer_signature
+from mlflow.tracking import MlflowClient
+
+from pipeline.config import Params
+from pipeline.encoder import RUN_FILE, load_encoder
+
+
+def tracking_uri(params: Params) -> str:
+    """The environment wins; a relative sqlite path is made absolute (Ray workers run elsewhere)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or params.tracking.uri
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        uri = prefix + str(Path(uri.removeprefix(prefix)).resolve())
+    return uri
+
+
+def setup_mlflow(params: Params) -> str:
+    """Point MLflow at the store and return the experiment id, creating it with an explicit
+    artifact location (else artifacts land in ./mlruns of whatever folder we run from)."""
+    mlflow.set_tracking_uri(tracking_uri(params))
+    name = params.tracking.experiment
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = params.tracking.artifact_location
+    if "://" not in location:
+        location = Path(location).resolve().as_uri()
+    return mlflow.create_experiment(name, artifact_location=location)
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def log_encoder(encoder_dir: Path, name: str = "encoder") -> str:
+    """Log the encoder to the active run as an MLflow PyTorch model; returns its model URI.
+
+    Format 'pt2' (torch.export) loads with `mlflow.pytorch.load_model` as a graph module and is
+    not a pickle; the safetensors weights + spec ride along as extra files, and our own
+    `load_encoder` reads only those, so loading never executes stored code.
+    """
+    encoder, spec = load_encoder(encoder_dir)
+    example = spec.example_input(batch=2)
+    with torch.no_grad():
+        signature = infer_signature(example.numpy(), encoder(example).numpy())
+    info = mlflow.pytorch.log_model(
+        encoder,
+        name=name,
+        serialization_format="pt2",
+        input_example=example.numpy(),
+        signature=signature,
+        extra_files=[str(encoder_dir / f) for f in ("encoder.safetensors", "encoder.json")],
+    )
+    return info.model_uri
+
+
+def model_version_of(uri: str):
+    """The registry entry behind models:/<name>@<alias> or models:/<name>/<version>."""
+    name, _, ref = uri.removeprefix("models:/").partition("@")
+    client = MlflowClient()
+    if ref:
+        return client.get_model_version_by_alias(name, ref)
+    name, _, version = name.partition("/")
+    return client.get_model_version(name, version)
+
+
+def run_id_of(location: str) -> str | None:
+    """The MLflow run that produced a model location, when it has one."""
+    if location.startswith("runs:/"):
+        return location.removeprefix("runs:/").split("/")[0]
+    if location.startswith("models:/"):
+        return model_version_of(location).run_id
+    return exported_run(location).get("run_id")
+
+
+def exported_run(folder: str | Path) -> dict[str, str]:
+    """run.json beside an encoder exported by pretrain ({} when the folder has none)."""
+    path = Path(folder) / RUN_FILE
+    return json.loads(path.read_text()) if path.exists() else {}

@@ -1,0 +1,28 @@
+"""Fixtures for the data stage: generated image corpora and params pointing into tmp_path."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from data_stage_helpers import write_corpus
+
+from pipeline.config import Params, load_params
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    return write_corpus(tmp_path / "corpus")
+
+
+@pytest.fixture
+def make_params(tmp_path: Path) -> Callable[..., Params]:
+    """Params with shards under tmp_path; keyword arguments override data.* keys."""
+
+    def make(shards: str = "shards", **data: object) -> Params:
+        overrides = [f"data.shards_dir={tmp_path / shards}"]
+        overrides += [f"data.{key}={value}" for key, value in data.items()]
+        return load_params(None, overrides)
+
+    return make
