@@ -14,7 +14,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=90
 .PHONY: run test setup data lint lock clean
 
 run: setup data
-	$(BIN)/mocopipe run
+	$(BIN)/python -m flows retrain
 
 test: setup data
 	$(BIN)/ruff check .

@@ -14,7 +14,7 @@ from moco.distributed import (
 from moco.heads import projection_head
 from moco.knn import extract_features, knn_accuracy, knn_predict
 from moco.loss import info_nce
-from moco.model import MoCo, MoCoOutput, build_moco, unwrap
+from moco.model import MoCo, MoCoOutput, unwrap
 from moco.momentum import cosine_momentum, momentum_update
 from moco.queue import KeyQueue
 from moco.schedules import cosine_with_warmup, step_schedule
@@ -31,7 +31,6 @@ __all__ = [
     "batch_unshuffle_single",
     "broadcast_module",
     "build_backbone",
-    "build_moco",
     "concat_all_gather",
     "cosine_momentum",
     "cosine_with_warmup",

@@ -155,7 +155,3 @@ class MoCo(nn.Module):
         feature extraction or export; training is unaffected by what the caller does with it."""
         return copy.deepcopy(unwrap(self.encoder_q).backbone).eval()
 
-
-def build_moco(**cfg) -> MoCo:
-    """Config-dict entry point: `build_moco(**cfg["model"])` = MoCo.from_backbone(**cfg)."""
-    return MoCo.from_backbone(**cfg)

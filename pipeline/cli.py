@@ -106,11 +106,13 @@ def promote(
     from pipeline.promote import promote as run_promote
     from pipeline.tracking import exported_run
 
+    config = _params(params, overrides)
+    if not metrics.exists():
+        raise FileNotFoundError(f"{metrics}: no evaluation found; run `mocopipe evaluate` first")
     values = json.loads(metrics.read_text())
     data_version = values.pop("data_version", "unknown")
     model_uri = exported_run(model).get("model_uri", model)
-    typer.echo(run_promote(_params(params, overrides), model_uri, values, data_version).render())
-
+    typer.echo(run_promote(config, model_uri, values, data_version).render())
 
 if __name__ == "__main__":
     app()

@@ -76,7 +76,7 @@ class TrainParams(_Section):
     sgd_momentum: float = Field(0.9, ge=0.0, lt=1.0)
     schedule: Literal["cosine", "step"] = "cosine"
     warmup_epochs: float = Field(0.0, ge=0.0)
-    precision: Literal["fp32", "bf16"] = "bf16"
+    precision: Literal["fp32", "bf16"] = "fp32"
     channels_last: bool = True
     compile: bool = False
     num_workers: int = Field(2, ge=1)  # Ray Train workers (DDP ranks)

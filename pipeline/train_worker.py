@@ -235,6 +235,6 @@ def train_loop(config: dict[str, Any]) -> None:
                 if last or (epoch + 1) % t.checkpoint_every == 0:
                     _save_checkpoint(Path(tmp), model, query_encoder, optimizer, scheduler, epoch)
                     spec = EncoderSpec.from_params(params.model)
-                    save_encoder(query_encoder.backbone, spec, tmp)
+                    save_encoder(model.export_encoder(), spec, tmp)
                     checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint)

@@ -1,0 +1,50 @@
+"""The CLI refuses bad input with one line and exit code 2, before any work starts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def runner(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> CliRunner:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    return CliRunner()
+
+
+@pytest.mark.parametrize("command", ["shard", "pretrain", "evaluate", "promote"])
+def test_bad_override_is_refused_before_work(runner: CliRunner, command: str) -> None:
+    result = runner.invoke(app, [command, "--set", "moco.temperature=0"])
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1
+    assert "moco.temperature" in lines[0]
+    assert not Path("data").exists() and not Path("mlflow.db").exists()
+
+
+def test_pretrain_without_shards_says_what_to_run(runner: CliRunner) -> None:
+    result = runner.invoke(app, ["pretrain"])
+    assert result.exit_code == 2
+    assert "run `mocopipe shard` first" in result.output
+
+
+def test_global_batch_larger_than_the_data_is_refused(runner: CliRunner) -> None:
+    assert runner.invoke(app, ["shard", "--source", "digits"]).exit_code == 0
+    result = runner.invoke(
+        app, ["pretrain", "--set", "train.batch_size=4096", "--set", "moco.queue_size=16384"]
+    )
+    assert result.exit_code == 2
+    assert "train.batch_size" in result.output
+
+
+def test_evaluate_of_a_missing_model_names_it(runner: CliRunner) -> None:
+    result = runner.invoke(app, ["evaluate", "--model", "nowhere"])
+    assert result.exit_code == 2
+    assert "nowhere" in result.output
