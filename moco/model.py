@@ -154,4 +154,3 @@ class MoCo(nn.Module):
         """A standalone copy of the query backbone (no head, no DDP) in eval mode, for
         feature extraction or export; training is unaffected by what the caller does with it."""
         return copy.deepcopy(unwrap(self.encoder_q).backbone).eval()
-

@@ -34,6 +34,7 @@ import webdataset as wds
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, get_worker_info
+from torchvision.transforms.v2 import functional as TF
 from webdataset.gopen import gopen
 from webdataset.tariterators import group_by_keys, tar_file_expander
 from webdataset.utils import make_seed
@@ -127,7 +128,7 @@ def _rank_batches(counts: Sequence[int], loader_workers: int, batch_size: int) -
 def training_loader(
     urls: list[str],
     *,
-    transform: Callable[[Tensor], tuple[Tensor, Tensor]],
+    transform: Callable[[Tensor], tuple[Tensor, Tensor]] | None,
     batch_size: int,
     shuffle_buffer: int,
     seed: int,
@@ -135,14 +136,23 @@ def training_loader(
     loader_workers: int,
     steps: int | None = None,
     resampled: bool = False,
-) -> Iterable[tuple[Tensor, Tensor]]:
+    raw_size: int | None = None,
+) -> Iterable[tuple[Tensor, Tensor]] | Iterable[Tensor]:
     """(view_q, view_k) batches [B, C, H, W] for this rank; same (seed, epoch), same order.
+
+    `transform=None` yields the unaugmented uint8 images instead, one [B, C, H, W] tensor per
+    batch, for a batched augmentation on the training device (moco.augment.BatchTwoCrops): per
+    sample, torchvision's overhead dominates at 28 px. A split keeps one image mode, but folder
+    sources may mix sizes: `raw_size` then resizes each image's shorter side to it and centre-crops
+    it square (a no-op for images already that size).
 
     `steps` caps the batches (pass steps_per_epoch(...) so all DDP ranks stop together; required
     with `resampled=True`, where shards are drawn with replacement, seeded per rank and worker,
     for runs whose epochs should not follow shard boundaries)."""
     if resampled and steps is None:
         raise ValueError("training_loader(resampled=True) streams forever: pass steps=")
+    if transform is not None and raw_size is not None:
+        raise ValueError("raw_size applies to raw batches only (transform=None)")
     rank, world_size = _rank_world()
     shard_seed = make_seed(seed, epoch)
     if resampled:
@@ -163,10 +173,13 @@ def training_loader(
     if shuffle_buffer > 0:
         seed_buffer = make_seed(seed, epoch, rank)
         stages.append(wds.shuffle(shuffle_buffer, initial=shuffle_buffer, seed=seed_buffer))
-    stages += [
-        wds.map(partial(_two_views, transform=transform)),
-        wds.batched(batch_size, collation_fn=_collate, partial=False),
-    ]
+    if transform is None:
+        views = wds.map(partial(_raw_image, size=raw_size))
+        batch = wds.batched(batch_size, collation_fn=_stack_raw, partial=False)
+    else:
+        views = wds.map(partial(_two_views, transform=transform))
+        batch = wds.batched(batch_size, collation_fn=_collate, partial=False)
+    stages += [views, batch]
     generator = torch.Generator().manual_seed(make_seed(seed, epoch, rank))
     return _loader(stages, loader_workers, steps, generator)
 
@@ -295,6 +308,23 @@ def _label(sample: dict[str, Any]) -> int:
 def _two_views(sample: dict[str, Any], *, transform: Callable) -> tuple[Tensor, Tensor]:
     view_q, view_k = transform(_image(sample))
     return view_q, view_k
+
+
+def _raw_image(sample: dict[str, Any], *, size: int | None) -> Tensor:
+    """The decoded uint8 image, made size x size when a size is given (aspect ratio kept)."""
+    image = _image(sample)
+    if size is None or image.shape[-2:] == (size, size):
+        return image
+    return TF.center_crop(TF.resize(image, size, antialias=True), [size, size])
+
+
+def _stack_raw(images: list[Tensor]) -> Tensor:
+    shapes = {tuple(image.shape) for image in images}
+    if len(shapes) > 1:
+        raise ValueError(
+            f"raw training batches need one image size, got {sorted(shapes)}: pass raw_size="
+        )
+    return torch.stack(images)
 
 
 def _labelled_view(sample: dict[str, Any], *, transform: Callable) -> tuple[Tensor, int]:

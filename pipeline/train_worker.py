@@ -21,8 +21,8 @@ import ray.train.torch
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from moco import MoCo, TwoCropsTransform, cosine_momentum, cosine_with_warmup, step_schedule
-from moco.augment import eval_transform, moco_v1_transform, moco_v2_transform
+from moco import MoCo, cosine_momentum, cosine_with_warmup, step_schedule
+from moco.augment import BatchMoCoAugment, BatchTwoCrops, eval_transform
 from moco.distributed import broadcast_module
 from moco.knn import extract_features, knn_accuracy
 from pipeline.config import Params
@@ -31,6 +31,7 @@ from pipeline.encoder import EncoderSpec, load_encoder, save_encoder
 from pipeline.errors import DivergedError
 
 STATE_FILE = "state.pt"
+QUEUE_FILE = "queue-rank{rank}.pt"  # each rank's queue, to check they stayed identical
 
 
 @dataclass
@@ -144,6 +145,54 @@ def _warm_start(model: MoCo, location: str) -> None:
     model.encoder_k.backbone.load_state_dict(weights)
 
 
+def _epoch(
+    model: MoCo,
+    batches,
+    two_crops: BatchTwoCrops,
+    optimizer,
+    scheduler,
+    params: Params,
+    cfg: WorkerConfig,
+    epoch: int,
+    device: torch.device,
+) -> dict[str, float]:
+    """One pass over this rank's shards; returns the epoch's metrics row."""
+    t = params.train
+    total_steps = t.epochs * cfg.steps_per_epoch
+    loss_sum, wait, started = 0.0, 0.0, time.perf_counter()
+    fetched = started
+    for step, images in enumerate(itertools.islice(batches, cfg.steps_per_epoch)):
+        wait += time.perf_counter() - fetched
+        im_q, im_k = two_crops(images.to(device, non_blocking=True))  # augmented on the device
+        if params.moco.momentum_schedule == "cosine":
+            global_step = epoch * cfg.steps_per_epoch + step
+            model.momentum = cosine_momentum(params.moco.momentum, global_step, total_steps)
+        with _autocast(params, device):
+            loss = model(
+                _to_device(im_q, device, t.channels_last), _to_device(im_k, device, t.channels_last)
+            ).loss
+        if not torch.isfinite(loss):
+            raise DivergedError(
+                f"loss is {loss.item()} at epoch {epoch} step {step}; lower train.lr or raise "
+                "moco.temperature — this run is failed and will not be promoted"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        loss_sum += loss.item()
+        fetched = time.perf_counter()
+    elapsed = time.perf_counter() - started
+    return {
+        "epoch": epoch,
+        "loss": loss_sum / cfg.steps_per_epoch,
+        "lr": scheduler.get_last_lr()[0],
+        "momentum": model.momentum,
+        "images_per_s": cfg.steps_per_epoch * t.global_batch / elapsed,
+        "data_wait_fraction": wait / elapsed,
+    }
+
+
 def train_loop(config: dict[str, Any]) -> None:
     """Ray Train entry point (train_loop_per_worker)."""
     cfg = WorkerConfig(**config)
@@ -180,61 +229,33 @@ def train_loop(config: dict[str, Any]) -> None:
     if t.compile:
         model.encoder_q = torch.compile(model.encoder_q)
 
-    augment = moco_v2_transform if params.moco.augmentation == "v2" else moco_v1_transform
-    transform = TwoCropsTransform(augment(params.model.image_size))
-    total_steps = t.epochs * cfg.steps_per_epoch
+    two_crops = BatchTwoCrops(BatchMoCoAugment(params.model.image_size, params.moco.augmentation))
     for epoch in range(start_epoch, t.epochs):
         torch.manual_seed(t.seed + 1000 * epoch + rank)  # augmentations: reproducible per epoch
         model.train()
         batches = training_loader(
             cfg.train_urls,
-            transform=transform,
+            transform=None,  # raw uint8 batches: augmented as a batch, on the device
+            raw_size=params.model.image_size,
             batch_size=t.batch_size,
             shuffle_buffer=t.shuffle_buffer,
             seed=t.seed,
             epoch=epoch,
             loader_workers=t.loader_workers,
         )
-        loss_sum, wait, started = 0.0, 0.0, time.perf_counter()
-        fetched = time.perf_counter()
-        for step, (im_q, im_k) in enumerate(itertools.islice(batches, cfg.steps_per_epoch)):
-            wait += time.perf_counter() - fetched
-            global_step = epoch * cfg.steps_per_epoch + step
-            if params.moco.momentum_schedule == "cosine":
-                model.momentum = cosine_momentum(params.moco.momentum, global_step, total_steps)
-            im_q = _to_device(im_q, device, t.channels_last)
-            im_k = _to_device(im_k, device, t.channels_last)
-            with _autocast(params, device):
-                loss = model(im_q, im_k).loss
-            if not torch.isfinite(loss):
-                raise DivergedError(
-                    f"loss is {loss.item()} at epoch {epoch} step {step}; lower train.lr or raise "
-                    "moco.temperature — this run is failed and will not be promoted"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            loss_sum += loss.item()
-            fetched = time.perf_counter()
-        elapsed = time.perf_counter() - started
-        metrics: dict[str, float] = {
-            "epoch": epoch,
-            "loss": loss_sum / cfg.steps_per_epoch,
-            "lr": scheduler.get_last_lr()[0],
-            "momentum": model.momentum,
-            "images_per_s": cfg.steps_per_epoch * t.global_batch / elapsed,
-            "data_wait_fraction": wait / elapsed,
-        }
-        last = epoch == t.epochs - 1
+        metrics = _epoch(
+            model, batches, two_crops, optimizer, scheduler, params, cfg, epoch, device
+        )
+        save = epoch == t.epochs - 1 or (epoch + 1) % t.checkpoint_every == 0
         with tempfile.TemporaryDirectory() as tmp:
-            checkpoint = None
             if rank == 0:
                 if params.eval.monitor_bank and cfg.monitor_bank_urls:
                     metrics["knn_top1"] = knn_monitor(query_encoder.backbone, cfg, params, device)
-                if last or (epoch + 1) % t.checkpoint_every == 0:
+                if save:
                     _save_checkpoint(Path(tmp), model, query_encoder, optimizer, scheduler, epoch)
                     spec = EncoderSpec.from_params(params.model)
                     save_encoder(model.export_encoder(), spec, tmp)
-                    checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            if save:  # every rank adds its queue: Ray merges the folders, so they can be compared
+                torch.save(model.queue.state_dict(), Path(tmp) / QUEUE_FILE.format(rank=rank))
+            checkpoint = ray.train.Checkpoint.from_directory(tmp) if save else None
             ray.train.report(metrics, checkpoint=checkpoint)

@@ -61,3 +61,8 @@ def test_dump_round_trips(tmp_path: Path) -> None:
     dump_params(params, tmp_path / "best.yaml")
     assert load_params(tmp_path / "best.yaml") == params
     assert set(yaml.safe_load((tmp_path / "best.yaml").read_text())) == set(Params.model_fields)
+
+
+@pytest.mark.parametrize("path", sorted(ROOT.glob("params*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_params_file_is_valid(path: Path) -> None:
+    load_params(path)

@@ -1,0 +1,132 @@
+"""Pretraining on real Ray Train workers: checkpoints, MLflow, resume, faults, divergence."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from pipeline.config import Params, load_params
+from pipeline.dataset import steps_per_epoch
+from pipeline.encoder import load_encoder
+from pipeline.errors import StageError
+from pipeline.pretrain import pretrain
+from pipeline.shard import shard
+from pipeline.train_worker import QUEUE_FILE, STATE_FILE
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def params(project: Path) -> Params:
+    params = load_params("params.yaml")
+    shard(params)
+    return params
+
+
+def variant(*overrides: str) -> Params:
+    """The test project's params.yaml with some keys changed."""
+    return load_params("params.yaml", list(overrides))
+
+
+def checkpoints(run_id: str) -> list[Path]:
+    return sorted(
+        p for p in Path("runs/ray", f"pretrain-{run_id}").glob("checkpoint_*") if p.is_dir()
+    )
+
+
+def test_two_workers_checkpoint_metrics_model_and_identical_queues(
+    params: Params, ray_cluster: None
+) -> None:
+    result = pretrain(params)
+
+    latest = checkpoints(result.run_id)[-1]
+    assert (latest / STATE_FILE).exists()
+    queues = [torch.load(latest / QUEUE_FILE.format(rank=r), weights_only=True) for r in (0, 1)]
+    assert torch.equal(queues[0]["keys"], queues[1]["keys"])
+    assert torch.equal(queues[0]["ptr"], queues[1]["ptr"])
+
+    client = MlflowClient()
+    for name in ("loss", "lr", "images_per_s", "data_wait_fraction", "knn_top1"):
+        assert [m.step for m in client.get_metric_history(result.run_id, name)] == [0, 1], name
+    assert "training_curves.png" in [a.path for a in client.list_artifacts(result.run_id)]
+
+    images = torch.rand(3, 1, 28, 28)
+    encoder, _ = load_encoder(result.model_uri)
+    exported = mlflow.pytorch.load_model(result.model_uri)
+    with torch.no_grad():
+        assert torch.allclose(exported(images), encoder(images), atol=1e-5)
+
+
+def test_resume_continues_the_same_run_from_its_checkpoint(
+    params: Params, ray_cluster: None
+) -> None:
+    first = pretrain(variant("train.epochs=1"))
+    held = torch.load(checkpoints(first.run_id)[-1] / STATE_FILE, weights_only=True)
+    assert held["epoch"] == 0
+    first_loss = MlflowClient().get_metric_history(first.run_id, "loss")[0].value
+
+    resumed = pretrain(variant("train.epochs=2"), resume=True)
+
+    assert resumed.run_id == first.run_id
+    history = sorted(MlflowClient().get_metric_history(first.run_id, "loss"), key=lambda m: m.step)
+    assert [m.step for m in history] == [0, 1]
+    assert history[0].value == first_loss  # epoch 0 was not trained again
+    final = torch.load(checkpoints(first.run_id)[-1] / STATE_FILE, weights_only=True)
+    assert final["epoch"] == 1
+    # the queue went on from the held pointer by exactly one epoch of enqueued keys
+    t = params.train
+    steps = steps_per_epoch(
+        params.data.shards_dir,
+        "train",
+        world_size=t.num_workers,
+        loader_workers=t.loader_workers,
+        batch_size=t.batch_size,
+    )
+    size = held["queue"]["keys"].shape[1]
+    assert int(final["queue"]["ptr"]) == (int(held["queue"]["ptr"]) + steps * t.global_batch) % size
+
+
+def test_a_killed_worker_is_survived_from_the_last_checkpoint(
+    params: Params, ray_cluster: None
+) -> None:
+    from ray.util.state import list_actors
+
+    params = variant("train.epochs=4")
+    outcome: dict = {}
+    runner = threading.Thread(
+        target=lambda: outcome.update(result=pretrain(params, max_failures=1))
+    )
+    runner.start()
+    deadline = time.monotonic() + 300
+    while not list(Path("runs/ray").glob("pretrain-*/checkpoint_*/state.pt")):
+        assert time.monotonic() < deadline and runner.is_alive(), "no checkpoint appeared"
+        time.sleep(0.5)
+    workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    os.kill(workers[-1].pid, signal.SIGKILL)
+    runner.join(timeout=600)
+
+    result = outcome["result"]
+    run = MlflowClient().get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert max(m.step for m in MlflowClient().get_metric_history(result.run_id, "loss")) == 3
+    assert torch.load(checkpoints(result.run_id)[-1] / STATE_FILE, weights_only=True)["epoch"] == 3
+
+
+def test_a_diverged_run_fails_and_logs_no_model(params: Params, ray_cluster: None) -> None:
+    with pytest.raises(StageError, match="DivergedError"):
+        pretrain(variant("train.lr=1e30", "train.epochs=1"))
+    run_id = json.loads(Path("runs/ray/latest-pretrain.json").read_text())["run_id"]
+    run = MlflowClient().get_run(run_id)
+    assert run.info.status == "FAILED"
+    assert "DivergedError" in run.data.tags["failure"]
+    assert not MlflowClient().search_logged_models(experiment_ids=[run.info.experiment_id])
+    assert not Path(params.train.output_dir).exists()

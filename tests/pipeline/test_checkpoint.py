@@ -1,0 +1,48 @@
+"""A checkpoint restores exactly what it held: encoders, queue and pointer, optimizer, schedule."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from ray.train import Checkpoint
+
+from pipeline.config import load_params
+from pipeline.train_worker import _restore, _save_checkpoint, build_model, lr_multiplier
+
+
+def _training_state(seed: int):
+    torch.manual_seed(seed)
+    params = load_params(
+        None, ["model.width=4", "moco.queue_size=64", "train.batch_size=8", "train.num_workers=1"]
+    )
+    model = build_model(params, world_size=1)
+    optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=0.1, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(params, 10))
+    return model, optimizer, scheduler
+
+
+def test_restore_gives_back_the_saved_state(tmp_path: Path) -> None:
+    model, optimizer, scheduler = _training_state(seed=0)
+    for _ in range(3):
+        images = torch.rand(8, 1, 16, 16)
+        loss = model(images, images.flip(-1)).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+    _save_checkpoint(tmp_path, model, model.encoder_q, optimizer, scheduler, epoch=4)
+
+    fresh, fresh_optimizer, fresh_scheduler = _training_state(seed=1)
+    next_epoch = _restore(
+        fresh, fresh_optimizer, fresh_scheduler, Checkpoint.from_directory(tmp_path)
+    )
+
+    assert next_epoch == 5
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[name], tensor), name
+    assert int(fresh.queue.ptr) == int(model.queue.ptr) == 24
+    saved, restored = optimizer.state_dict(), fresh_optimizer.state_dict()
+    for index, state in saved["state"].items():
+        assert torch.equal(restored["state"][index]["momentum_buffer"], state["momentum_buffer"])
+    assert fresh_scheduler.state_dict() == scheduler.state_dict()
