@@ -22,13 +22,21 @@ from contextlib import nullcontext
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from moco import MoCo, TwoCropsTransform
-from moco.augment import moco_v2_transform
+from moco import MoCo
+from moco.augment import BatchMoCoAugment, BatchTwoCrops
 from pipeline.config import load_params
 from pipeline.dataset import shard_urls, training_loader
 from pipeline.shard import shard
 
-PHASES = ("momentum_update", "forward_keys", "forward_queries", "backward", "optimizer", "queue")
+PHASES = (
+    "augment",
+    "momentum_update",
+    "forward_keys",
+    "forward_queries",
+    "backward",
+    "optimizer",
+    "queue",
+)
 
 
 def matmul_peak_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
@@ -85,7 +93,8 @@ def main() -> None:
         shard(params)
     batches = training_loader(
         shard_urls(shards_dir, "train"),
-        transform=TwoCropsTransform(moco_v2_transform(args.image_size)),
+        transform=None,  # raw uint8 batches, augmented as a batch like the Ray workers do
+        raw_size=args.image_size,
         batch_size=args.batch_size,
         shuffle_buffer=1000,
         seed=0,
@@ -104,6 +113,7 @@ def main() -> None:
     )
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
+    two_crops = BatchTwoCrops(BatchMoCoAugment(args.image_size, "v2"))
     optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=0.03, momentum=0.9)
     autocast = (
         torch.autocast("cpu", dtype=torch.bfloat16) if args.precision == "bf16" else nullcontext()
@@ -111,8 +121,10 @@ def main() -> None:
 
     records: list[dict[str, float]] = []
     fetched = time.perf_counter()
-    for im_q, im_k in itertools.islice(batches, args.steps + args.warmup_steps):
+    for images in itertools.islice(batches, args.steps + args.warmup_steps):
         times = {"data_wait": time.perf_counter() - fetched}
+        with timed("augment", times):
+            im_q, im_k = two_crops(images)
         im_q = im_q.contiguous(memory_format=memory_format)
         im_k = im_k.contiguous(memory_format=memory_format)
         with timed("momentum_update", times):

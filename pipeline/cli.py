@@ -114,5 +114,43 @@ def promote(
     model_uri = exported_run(model).get("model_uri", model)
     typer.echo(run_promote(config, model_uri, values, data_version).render())
 
+
+@app.command()
+@_clean_errors
+def rollback(
+    params: ParamsOpt = Path("params.yaml"),
+    overrides: SetOpt = None,
+    reason: Annotated[str, typer.Option(help="Why; recorded on the versions.")] = "",
+) -> None:
+    """Move @production back to @previous (the version it replaced); writes promotion.json."""
+    from pipeline.promote import rollback as run_rollback
+
+    typer.echo(run_rollback(_params(params, overrides), reason=reason).render())
+
+
+@app.command()
+@_clean_errors
+def embed(
+    source: Annotated[Path, typer.Option(help="A folder of images or a shards dir.")],
+    out: Annotated[Path, typer.Option(help="The Parquet file to write.")] = Path(
+        "embeddings/embeddings.parquet"
+    ),
+    model: Annotated[
+        str | None, typer.Option(help="Default: models:/<registry.model_name>@production.")
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    batch_size: Annotated[int | None, typer.Option(help="Default: eval.batch_size.")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+    overrides: SetOpt = None,
+) -> None:
+    """One embedding row per valid image (Parquet); bad images are quarantined beside it."""
+    from pipeline.embed import embed as run_embed
+
+    config = _params(params, overrides)
+    model = model or f"models:/{config.registry.model_name}@production"
+    summary = run_embed(config, model, source, out, device=device, batch_size=batch_size)
+    typer.echo(summary.render())
+
+
 if __name__ == "__main__":
     app()

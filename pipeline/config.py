@@ -8,7 +8,7 @@ DVC reads the same file for its stage `params:`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -39,7 +39,7 @@ class DataParams(_Section):
 
 class ModelParams(_Section):
     backbone: Literal["resnet18", "resnet50"] = "resnet18"
-    width: int = Field(32, ge=4)
+    width: int = Field(16, ge=4)
     small_stem: bool = True
     in_channels: Literal[1, 3] = 1
     image_size: int = Field(28, ge=8)
@@ -96,12 +96,53 @@ class TrainParams(_Section):
 
 
 class EvalParams(_Section):
+    """The evaluate stage's suite (pipeline/evaluation/); every budget knob is here.
+
+    Defaults keep the stage within ~3-4 minutes on 2 CPUs for Fashion-MNIST at width 16: the
+    expensive protocols (supervised baselines, attacks, corruptions, t-SNE) run on fixed subsets.
+    Empty lists and 0 turn a protocol off."""
+
     knn_k: int = Field(200, ge=1)
     knn_t: float = Field(0.1, gt=0.0)
+    knn_extra_k: list[Annotated[int, Field(ge=1)]] = [20]  # also reported as knn<k>_top1
     batch_size: int = Field(512, ge=1)
     monitor_bank: int = Field(5000, ge=0)  # per-epoch kNN monitor: train images as the bank
     monitor_queries: int = Field(1000, ge=0)  # ... and test images as queries (0 = off)
     metrics_file: str = "metrics.json"
+    plots_dir: str = "eval_plots"
+    features_dir: str = "runs/features"  # feature cache by model and data version ("" = off)
+    seed: int = 0  # random-init reference, subsets, label noise, episodes, corruption noise
+    probe_iters: int = Field(100, ge=1)  # full-batch L-BFGS iterations of the linear probe
+    probe_weight_decay: float = Field(1e-4, ge=0.0)
+    low_label_fractions: list[Annotated[float, Field(gt=0.0, le=1.0)]] = [0.01, 0.1]
+    fewshot_ways: int = Field(5, ge=2)
+    fewshot_shots: list[Annotated[int, Field(ge=1)]] = [1, 5]
+    fewshot_queries: int = Field(15, ge=1)  # per class and episode
+    fewshot_episodes: int = Field(300, ge=0)
+    transfer_source: str = "digits"  # linear probe on another dataset ("" = off)
+    transfer_shards_dir: str = "runs/shards-digits"  # sharded there on first use
+    noise_rates: list[Annotated[float, Field(ge=0.0, lt=1.0)]] = [0.2, 0.4]
+    supervised_steps: int = Field(150, ge=0)  # supervised baseline budget (0 = no baseline)
+    supervised_batch_size: int = Field(64, ge=2)
+    supervised_lr: float = Field(2e-3, gt=0.0)  # Adam
+    # noise rates the baseline is also trained at (each costs one more baseline)
+    supervised_noise_rates: list[Annotated[float, Field(ge=0.0, lt=1.0)]] = [0.4]
+    robustness_subset: int = Field(500, ge=0)  # test images attacked / corrupted (0 = off)
+    corruptions: list[Literal["gaussian_noise", "gaussian_blur", "contrast"]] = [
+        "gaussian_noise",
+        "gaussian_blur",
+        "contrast",
+    ]
+    corruption_severities: list[Annotated[int, Field(ge=1, le=5)]] = [1, 3, 5]
+    attack_eps: list[Annotated[float, Field(gt=0.0, le=1.0)]] = [0.01, 0.03, 0.1]
+    pgd_steps: int = Field(5, ge=1)
+    tsne_points: int = Field(2000, ge=0)  # test points in the t-SNE plot (0 = no plot)
+
+    @model_validator(mode="after")
+    def _fewshot_fits(self) -> EvalParams:
+        if self.fewshot_episodes == 1:
+            raise ValueError("eval.fewshot_episodes: a confidence interval needs 0 or >= 2")
+        return self
 
 
 class TrackingParams(_Section):
@@ -114,6 +155,9 @@ class RegistryParams(_Section):
     model_name: str = "moco-encoder"
     primary_metric: str = "knn_top1"
     min_gain: float = Field(0.0, ge=0.0)
+    # metric -> largest drop vs production that still passes, e.g. {linear_top1: 0.01}
+    guards: dict[str, Annotated[float, Field(ge=0.0)]] = {}
+    lock_timeout_s: float = Field(300.0, gt=0.0)  # wait for a concurrent promotion/rollback
 
 
 class Params(_Section):

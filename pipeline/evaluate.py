@@ -1,31 +1,57 @@
-"""The evaluate stage: frozen-encoder metrics, each next to two references by the same protocol.
+"""The evaluate stage: a frozen encoder through the evaluation suite, next to references.
 
-References: raw pixels and a randomly initialised encoder of the same shape. A random ResNet
-already scores high kNN on Fashion-MNIST, so a number without them says little.
+Every protocol (pipeline/evaluation/) runs for the encoder and, by the same code path, for two
+references: raw pixels and a randomly initialised encoder of the same shape (seeded). A random
+ResNet already scores ~79% kNN on Fashion-MNIST, so a number without them says little. Protocols
+that train on labels (label noise, robustness) are also run for a supervised baseline: the same
+backbone trained from scratch on a small fixed budget (it has no pixel or random version).
+
+The labelled splits are decoded once and held in memory; features are extracted once per
+network and cached by model and data version (pipeline/evaluation/features.py).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
-from dataclasses import dataclass, field
+import time
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
-from pipeline.dataset import data_version, eval_loader, read_manifest, shard_urls
 from rich.progress import Progress
 from torch import Tensor, nn
 
-from moco.augment import eval_transform
-from moco.knn import extract_features, knn_accuracy
 from pipeline.config import Params
+from pipeline.dataset import data_version
 from pipeline.encoder import EncoderSpec, load_encoder
+from pipeline.evaluation import keys
+from pipeline.evaluation.features import (
+    LabelledSplit,
+    cached,
+    extract,
+    feature_net,
+    load_split,
+    model_fingerprint,
+)
+from pipeline.evaluation.fewshot import fewshot_accuracy
+from pipeline.evaluation.knn import knn_top1
+from pipeline.evaluation.plots import PlotInputs, write_plots
+from pipeline.evaluation.probes import (
+    ProbeRecipe,
+    balanced_subset,
+    fit_probe,
+    predict,
+    symmetric_noise,
+    top1,
+)
+from pipeline.evaluation.robustness import robustness_metrics
+from pipeline.evaluation.supervised import SupervisedBudget, train_supervised
 from pipeline.tracking import run_id_of, setup_mlflow
 
-REFERENCES = ("pixels", "random")
+REFERENCES = keys.REFERENCES
 
 
 @dataclass
@@ -33,90 +59,334 @@ class EvalReport:
     model: str
     data_version: str
     metrics: dict[str, float] = field(default_factory=dict)
+    plots: list[Path] = field(default_factory=list)
 
     def render(self) -> str:
         lines = [f"evaluate: {self.model} on data {self.data_version}"]
-        for name, value in self.metrics.items():
-            if not name.startswith(REFERENCES):
-                refs = "  ".join(
-                    f"{ref} {self.metrics[f'{ref}_{name}']:.4f}"
-                    for ref in REFERENCES
-                    if f"{ref}_{name}" in self.metrics
-                )
-                lines.append(f"  {name:<14} {value:.4f}   references: {refs}")
+        own = [name for name in self.metrics if not name.startswith(REFERENCES)]
+        width = max((len(name) for name in own), default=0)
+        for name in own:
+            refs = "  ".join(
+                f"{ref} {self.metrics[f'{ref}_{name}']:.4f}"
+                for ref in REFERENCES
+                if f"{ref}_{name}" in self.metrics
+            )
+            tail = f"   references: {refs}" if refs else ""
+            lines.append(f"  {name:<{width}} {self.metrics[name]:.4f}{tail}")
+        if self.plots:
+            lines.append(f"  plots: {', '.join(str(p) for p in self.plots)}")
         return "\n".join(lines)
 
 
-class Split:
-    """A labelled split's batches, re-iterable, with a progress bar per pass."""
+@dataclass(frozen=True)
+class _Subject:
+    """A network whose features are evaluated: images in [0, 1] -> L2-normalised features."""
 
-    def __init__(self, params: Params, name: str, spec: EncoderSpec) -> None:
-        self.name = name
-        self.urls = shard_urls(params.data.shards_dir, name)
-        self.size = read_manifest(params.data.shards_dir, name)["samples"]
-        self.transform = eval_transform(spec.image_size)
-        self.batch_size = params.eval.batch_size
-
-    def batches(self, progress: Progress, what: str):
-        task = progress.add_task(f"{what}: {self.name}", total=self.size)
-        for images, labels in eval_loader(
-            self.urls, transform=self.transform, batch_size=self.batch_size
-        ):
-            yield images, labels
-            progress.advance(task, len(labels))
+    name: str  # keys.ENCODER or a reference
+    net: nn.Module
+    fingerprint: str | None  # feature-cache key; None: cheaper to recompute than to store
+    bf16: bool = False
 
 
-def pixel_features(batches) -> tuple[Tensor, Tensor]:
-    """Raw pixels, flattened and L2-normalised: the no-learning reference."""
-    feats, labels = [], []
-    for images, targets in batches:
-        feats.append(F.normalize(images.flatten(1).float(), dim=1))
-        labels.append(targets)
-    return torch.cat(feats), torch.cat(labels)
+@dataclass(frozen=True)
+class _Data:
+    train: LabelledSplit
+    test: LabelledSplit
+    version: str
+    robust_index: Tensor  # the fixed test subset that is corrupted and attacked
+    transfer: tuple[LabelledSplit, LabelledSplit] | None = None
+    transfer_version: str = ""
 
 
-def encoder_features(encoder: nn.Module, precision: str) -> Callable:
-    def extract(batches) -> tuple[Tensor, Tensor]:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            return extract_features(encoder, batches)
-
-    return extract
+@dataclass
+class _Assessment:
+    data_version: str
+    metrics: dict[str, float]
+    plot_inputs: PlotInputs | None = None
 
 
 def evaluate(params: Params, model: str) -> EvalReport:
-    """Score the encoder at `model` (folder, runs:/ or models:/ URI) on the labelled splits."""
-    torch.set_num_threads(os.cpu_count() or 1)
-    encoder, spec = load_encoder(model)
-    torch.manual_seed(params.train.seed)
-    random_encoder, _ = spec.build()
-    train, test = (Split(params, name, spec) for name in ("train", "test"))
-    num_classes = len(read_manifest(params.data.shards_dir, "train")["classes"])
-    feature_fns = {
-        "": encoder_features(encoder, params.train.precision),
-        "pixels_": pixel_features,
-        "random_": encoder_features(random_encoder.eval(), params.train.precision),
-    }
-    report = EvalReport(model=model, data_version=data_version(params.data.shards_dir))
-    e = params.eval
-    with Progress(transient=True) as progress:
-        for prefix, features in feature_fns.items():
-            what = f"features {prefix.rstrip('_') or 'encoder'}"
-            bank, bank_labels = features(train.batches(progress, what))
-            queries, labels = features(test.batches(progress, what))
-            report.metrics[f"{prefix}knn_top1"] = knn_accuracy(
-                bank, bank_labels, queries, labels, num_classes, e.knn_k, e.knn_t
-            )
+    """Score the encoder at `model` (folder, runs:/ or models:/ URI): metrics.json, plots, and
+    both logged to the model's MLflow run when it has one."""
+    assessment = _assess(params, model, references=True)
+    report = EvalReport(model, assessment.data_version, assessment.metrics)
+    if assessment.plot_inputs is not None:
+        e = params.eval
+        report.plots = write_plots(
+            e.plots_dir,
+            report.metrics,
+            assessment.plot_inputs,
+            fewshot_names=[keys.fewshot(e.fewshot_ways, s) for s in e.fewshot_shots],
+            eps=e.attack_eps,
+            corruptions=list(e.corruptions),
+            severities=e.corruption_severities,
+            tsne_points=e.tsne_points,
+            seed=e.seed,
+        )
     _record(params, model, report)
     return report
 
 
+def score(params: Params, model: str, *, references: bool = True) -> dict[str, float]:
+    """The metrics alone, recording nothing: promote re-scores production with it so both
+    models are judged on the same data (`references=False` skips the pixel/random passes and
+    the supervised baseline, which do not depend on the model)."""
+    return _assess(params, model, references=references).metrics
+
+
+def _assess(params: Params, model: str, *, references: bool) -> _Assessment:
+    torch.set_num_threads(os.cpu_count() or 1)
+    if _is_uri(model):
+        setup_mlflow(params)  # models:/ and runs:/ resolve through the tracking store
+    encoder, spec = load_encoder(model)
+    e = params.eval
+    bf16 = params.train.precision == "bf16"
+    fingerprint = model_fingerprint(encoder, spec=asdict(spec), bf16=bf16)
+    subjects = [_Subject(keys.ENCODER, feature_net(encoder), fingerprint, bf16)]
+    if references:
+        torch.manual_seed(e.seed)
+        random_encoder, _ = spec.build()
+        subjects.append(_Subject("pixels", feature_net(None), None))
+        random_print = model_fingerprint(random_encoder, spec=asdict(spec), bf16=bf16)
+        subjects.append(_Subject("random", feature_net(random_encoder), random_print, bf16))
+    names = [s.name for s in subjects] + ([keys.SUPERVISED] if references else [])
+    metrics: dict[str, float] = {}
+    plot_inputs = None
+    with Progress(transient=True) as progress:
+        data = _load_data(params, spec, progress)
+        for subject in subjects:
+            found, test_features, predictions = _protocols(params, subject, data, progress)
+            metrics.update({keys.for_subject(subject.name, k): v for k, v in found.items()})
+            if subject.name == keys.ENCODER:
+                test = data.test
+                plot_inputs = PlotInputs(
+                    test_features, test.labels, predictions, test.classes, names
+                )
+        if references and e.supervised_steps > 0:
+            metrics.update(_supervised(params, spec, data, progress))
+    return _Assessment(data.version, metrics, plot_inputs)
+
+
+def _is_uri(model: str) -> bool:
+    return "://" in model or model.startswith(("runs:/", "models:/"))
+
+
+# --- data -------------------------------------------------------------------------------------
+
+
+def _load_data(params: Params, spec: EncoderSpec, progress: Progress) -> _Data:
+    e = params.eval
+    train, test = (
+        _split(params.data.shards_dir, name, spec, e.batch_size, progress)
+        for name in ("train", "test")
+    )
+    generator = torch.Generator().manual_seed(e.seed)
+    robust_index = torch.randperm(len(test), generator=generator)[: e.robustness_subset]
+    data = _Data(train, test, data_version(params.data.shards_dir), robust_index.sort().values)
+    if not e.transfer_source:
+        return data
+    shards_dir = _transfer_shards(params)
+    transfer = tuple(
+        _split(shards_dir, name, spec, e.batch_size, progress) for name in ("train", "test")
+    )
+    return replace(data, transfer=transfer, transfer_version=data_version(shards_dir))
+
+
+def _split(
+    shards_dir: str, name: str, spec: EncoderSpec, batch: int, progress: Progress
+) -> LabelledSplit:
+    return load_split(
+        shards_dir,
+        name,
+        image_size=spec.image_size,
+        channels=spec.in_channels,
+        batch_size=batch,
+        progress=progress,
+    )
+
+
+def _transfer_shards(params: Params) -> str:
+    """The transfer dataset's shards, written on first use by the shard stage's own code
+    (idempotent: a static source whose shards are current is not rewritten)."""
+    from pipeline.shard import shard
+
+    e = params.eval
+    data = params.data.model_copy(
+        update={
+            "source": e.transfer_source,
+            "shards_dir": e.transfer_shards_dir,
+            "train_limit": 0,
+            "test_limit": 0,
+        }
+    )
+    shard(params.model_copy(update={"data": data}))
+    return e.transfer_shards_dir
+
+
+# --- protocols --------------------------------------------------------------------------------
+
+
+def _features(
+    params: Params,
+    subject: _Subject,
+    split: LabelledSplit,
+    name: str,
+    version: str,
+    progress: Progress,
+) -> Tensor:
+    folder = None
+    if params.eval.features_dir and subject.fingerprint:
+        folder = Path(params.eval.features_dir) / f"{subject.fingerprint}-{version}"
+    return cached(
+        folder,
+        name,
+        lambda: extract(
+            subject.net,
+            split,
+            batch_size=params.eval.batch_size,
+            bf16=subject.bf16,
+            progress=progress,
+            what=f"features {subject.name}: {name}",
+        ),
+        rows=len(split),
+    )
+
+
+def _protocols(
+    params: Params, subject: _Subject, data: _Data, progress: Progress
+) -> tuple[dict[str, float], Tensor, Tensor]:
+    """Every feature protocol for one subject: (metrics under encoder names, test features,
+    linear-probe test predictions)."""
+    e = params.eval
+    train_f = _features(params, subject, data.train, "train", data.version, progress)
+    test_f = _features(params, subject, data.test, "test", data.version, progress)
+    train_y, test_y, classes = data.train.labels, data.test.labels, data.train.num_classes
+    recipe = ProbeRecipe(e.probe_iters, e.probe_weight_decay)
+
+    def probe_top1(index: Tensor | None = None, labels: Tensor = train_y) -> float:
+        features = train_f if index is None else train_f[index]
+        targets = labels if index is None else labels[index]
+        return top1(fit_probe(features, targets, classes, recipe), test_f, test_y)
+
+    ks = list(dict.fromkeys([e.knn_k, *e.knn_extra_k]))
+    found = {
+        keys.knn(k, e.knn_k): acc
+        for k, acc in knn_top1(train_f, train_y, test_f, test_y, classes, ks, e.knn_t).items()
+    }
+    probe = fit_probe(train_f, train_y, classes, recipe)
+    predictions = predict(probe, test_f)
+    found["linear_top1"] = (predictions == test_y).float().mean().item()
+    for fraction in e.low_label_fractions:
+        found[keys.low_label(fraction)] = probe_top1(balanced_subset(train_y, fraction, e.seed))
+    for shots in e.fewshot_shots:
+        result = fewshot_accuracy(
+            test_f,
+            test_y,
+            ways=e.fewshot_ways,
+            shots=shots,
+            queries=e.fewshot_queries,
+            episodes=e.fewshot_episodes,
+            seed=e.seed,
+        )
+        if result is not None:
+            name = keys.fewshot(e.fewshot_ways, shots)
+            found[name], found[f"{name}_ci95"] = result.mean, result.ci95
+    for rate in e.noise_rates:
+        found[keys.noise(rate)] = probe_top1(labels=symmetric_noise(train_y, rate, classes, e.seed))
+    if data.transfer is not None:
+        found[keys.transfer(e.transfer_source)] = _transfer_top1(
+            params, subject, data.transfer, data.transfer_version, recipe, progress
+        )
+    if len(data.robust_index):
+        found.update(
+            _robustness(
+                params, nn.Sequential(subject.net, probe).eval(), data, progress, subject.name
+            )
+        )
+    return found, test_f, predictions
+
+
+def _transfer_top1(
+    params: Params,
+    subject: _Subject,
+    splits: tuple[LabelledSplit, LabelledSplit],
+    version: str,
+    recipe: ProbeRecipe,
+    progress: Progress,
+) -> float:
+    """Linear probe on the other dataset's train split, scored on its test split."""
+    train, test = splits
+    train_f = _features(params, subject, train, "train", version, progress)
+    test_f = _features(params, subject, test, "test", version, progress)
+    num_classes = max(train.num_classes, int(train.labels.max()) + 1)
+    return top1(fit_probe(train_f, train.labels, num_classes, recipe), test_f, test.labels)
+
+
+def _robustness(
+    params: Params, classifier: nn.Module, data: _Data, progress: Progress, what: str
+) -> dict[str, float]:
+    e = params.eval
+    index = data.robust_index
+    return robustness_metrics(
+        classifier,
+        data.test.floats(index),
+        data.test.labels[index],
+        corruptions=list(e.corruptions),
+        severities=e.corruption_severities,
+        eps=e.attack_eps,
+        pgd_steps=e.pgd_steps,
+        seed=e.seed,
+        progress=progress,
+        what=f"robustness {what}",
+    )
+
+
+def _supervised(
+    params: Params, spec: EncoderSpec, data: _Data, progress: Progress
+) -> dict[str, float]:
+    """The supervised baseline on clean labels (accuracy, robustness) and on each noise rate."""
+    e = params.eval
+    budget = SupervisedBudget(e.supervised_steps, e.supervised_batch_size, e.supervised_lr)
+    test_images = data.test.floats()
+    found: dict[str, float] = {}
+    for rate in dict.fromkeys([0.0, *e.supervised_noise_rates]):
+        labels = symmetric_noise(data.train.labels, rate, data.train.num_classes, e.seed)
+        net = train_supervised(
+            spec,
+            data.train,
+            labels,
+            budget,
+            seed=e.seed,
+            progress=progress,
+            what=f"supervised baseline, noise {rate:g}",
+        )
+        accuracy = top1(net, test_images, data.test.labels)
+        if rate in e.supervised_noise_rates:
+            found[keys.noise(rate)] = accuracy
+        if rate == 0.0:
+            found["linear_top1"] = accuracy
+            if len(data.robust_index):
+                found.update(_robustness(params, net, data, progress, keys.SUPERVISED))
+    return {keys.for_subject(keys.SUPERVISED, k): v for k, v in found.items()}
+
+
+# --- recording --------------------------------------------------------------------------------
+
+
 def _record(params: Params, model: str, report: EvalReport) -> None:
-    """metrics.json for DVC, and the same numbers on the model's MLflow run."""
+    """metrics.json for DVC, and the same numbers and the plots on the model's MLflow run."""
     payload = {"data_version": report.data_version, **report.metrics}
     Path(params.eval.metrics_file).write_text(json.dumps(payload, indent=2) + "\n")
-    setup_mlflow(params)
+    if _is_uri(model):
+        setup_mlflow(params)
     run_id = run_id_of(model)
-    if run_id is not None:
-        client = MlflowClient()
-        for name, value in report.metrics.items():
-            client.log_metric(run_id, f"eval_{name}", value)
+    if run_id is None:
+        return  # a bare folder with no run.json: nothing to attach the numbers to
+    setup_mlflow(params)
+    client = MlflowClient()
+    now = int(time.time() * 1000)
+    metrics = [Metric(f"eval_{k}", v, now, 0) for k, v in report.metrics.items()]
+    for start in range(0, len(metrics), 500):  # log_batch takes at most 1000 metrics
+        client.log_batch(run_id, metrics=metrics[start : start + 500])
+    for path in report.plots:
+        client.log_artifact(run_id, str(path), artifact_path="eval_plots")

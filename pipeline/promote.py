@@ -2,24 +2,53 @@
 
 Production is an alias, not a stage label: promotion and rollback are alias moves, and the
 version that held `@production` keeps `@previous` so a rollback is one call.
+
+The gate compares like with like: production's numbers are reused only when they were measured
+on the candidate's data version with the same evaluation protocol; otherwise production is
+re-scored on the current shards. Alias moves are serialised by `pipeline.registry`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import mlflow
-from mlflow.exceptions import MlflowException
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import Params
-from pipeline.evaluate import REFERENCES
-from pipeline.tracking import git_commit, setup_mlflow
+from pipeline.dataset import data_version as current_data_version
+from pipeline.errors import StageError
+from pipeline.evaluate import score
+from pipeline.registry import (
+    CHALLENGER,
+    PREVIOUS,
+    PRODUCTION,
+    move_aliases,
+    registry_lock,
+    set_version_tags,
+    version_by_alias,
+    version_number,
+)
+from pipeline.tracking import git_commit, setup_mlflow, tracking_uri
 
-PRODUCTION, PREVIOUS, CHALLENGER = "production", "previous", "challenger"
 DECISION_FILE = "promotion.json"
+REPLACED_TAG = "replaced_version"  # on a promoted version: the production it replaced
+EPSILON = 1e-9  # float slack so "improves by exactly min_gain" passes
+NOT_SCORING = {  # eval keys that never change a metric's value
+    "batch_size",
+    "monitor_bank",
+    "monitor_queries",
+    "metrics_file",
+    "plots_dir",
+    "features_dir",
+    "transfer_shards_dir",
+    "tsne_points",
+}
 
 
 @dataclass
@@ -29,83 +58,286 @@ class Decision:
     promoted: bool
     reason: str
     metric: str
-    candidate: float
-    baseline: float  # what it had to beat: production's score, or the best reference
+    candidate: float | None
+    baseline: float | None  # what it had to beat: production's score, or the random reference
     previous_production: str | None
+    action: str = "promote"  # promote | rollback
+    data_version: str = ""
+    config_hash: str = ""
+    decided_at: str = ""
 
     def render(self) -> str:
+        if self.action == "rollback":
+            return f"rollback: {self.model_name} v{self.version} -> @{PRODUCTION}: {self.reason}"
         verdict = f"@{PRODUCTION}" if self.promoted else f"@{CHALLENGER} (not promoted)"
         return f"promote: {self.model_name} v{self.version} -> {verdict}: {self.reason}"
 
 
-def _production_version(client: MlflowClient, name: str):
-    try:
-        return client.get_model_version_by_alias(name, PRODUCTION)
-    except MlflowException:
+@dataclass(frozen=True)
+class Baseline:
+    """Production's metrics on the candidate's data, and how they were obtained."""
+
+    version: str
+    metrics: dict[str, float]
+    source: str
+
+
+# --- hashes that say whether two evaluations are comparable -----------------------------------
+
+
+def _short_hash(payload: object) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def config_hash(params: Params) -> str:
+    """A stable hash of the whole config: equal hashes, equal settings."""
+    return _short_hash(params.model_dump())
+
+
+def eval_protocol(params: Params) -> str:
+    """A hash of the evaluation settings that can change a score. Everything in `eval` counts
+    except the keys listed as presentation or caching, so a new knob errs on the safe side:
+    production is re-scored rather than compared on numbers from another protocol."""
+    settings = params.eval.model_dump(exclude=NOT_SCORING)
+    return _short_hash({**settings, "precision": params.train.precision})
+
+
+# --- the gate ---------------------------------------------------------------------------------
+
+
+def _needed(params: Params) -> list[str]:
+    return [params.registry.primary_metric, *params.registry.guards]
+
+
+def _recorded(params: Params, production: ModelVersion, data_version: str) -> dict[str, float]:
+    """Production's tagged metrics if measured on this data with this protocol, else {}."""
+    tags, needed = production.tags, _needed(params)
+    measured_on = (tags.get("data_version"), tags.get("eval_protocol"))
+    if measured_on != (data_version, eval_protocol(params)) or any(k not in tags for k in needed):
+        return {}
+    return {key: float(tags[key]) for key in needed}
+
+
+def _baseline(
+    params: Params, production: ModelVersion | None, data_version: str
+) -> Baseline | None:
+    """Production's comparable metrics (None when there is no production yet)."""
+    if production is None:
         return None
-
-
-def _gate(params: Params, metrics: dict[str, float], production) -> tuple[bool, float, str]:
-    """(promote?, baseline, reason): beat production by min_gain, or both references if none."""
-    key, gain = params.registry.primary_metric, params.registry.min_gain
-    candidate = metrics[key]
-    if production is not None and key in production.tags:
-        baseline = float(production.tags[key])
-        ok = candidate >= baseline + gain
-        verb = "beats" if ok else "does not beat"
-        return (
-            ok,
-            baseline,
-            (
-                f"{key} {candidate:.4f} {verb} production v{production.version} {baseline:.4f} "
-                f"+ min_gain {gain}"
-            ),
+    version = str(production.version)
+    recorded = _recorded(params, production, data_version)
+    if recorded:
+        source = f"recorded metrics reused: same data {data_version}, same eval protocol"
+        return Baseline(version, recorded, source)
+    on_disk = current_data_version(params.data.shards_dir)
+    if on_disk != data_version:
+        raise StageError(
+            f"the candidate was evaluated on data {data_version} but {params.data.shards_dir} "
+            f"holds {on_disk}: re-run `mocopipe evaluate` so both models see the same data"
         )
-    references = {ref: metrics[f"{ref}_{key}"] for ref in REFERENCES if f"{ref}_{key}" in metrics}
-    baseline = max(references.values(), default=float("-inf"))
-    ok = candidate > baseline
-    shown = ", ".join(f"{ref} {value:.4f}" for ref, value in references.items())
+    uri = f"models:/{params.registry.model_name}/{version}"
+    metrics = score(params, uri, references=False)
+    return Baseline(version, metrics, f"re-evaluated on data {data_version}")
+
+
+def _judge_first(params: Params, metrics: dict[str, float]) -> tuple[bool, float | None, str]:
+    """No production yet: beat the random-init encoder of the same shape."""
+    key = params.registry.primary_metric
+    candidate, random = metrics[key], metrics.get(f"random_{key}")
+    if random is None:
+        return False, None, f"no production model yet and no random_{key} reference to beat"
+    ok = candidate > random
+    pixels = metrics.get(f"pixels_{key}")
+    pixel_gap = "" if pixels is None else f"; pixels {pixels:.4f} (gap {candidate - pixels:+.4f})"
     verb = "beats" if ok else "does not beat"
     return (
         ok,
-        baseline,
-        f"no production model yet; {key} {candidate:.4f} {verb} the references ({shown})",
+        random,
+        (
+            f"no production model yet; {key} {candidate:.4f} {verb} random-init {random:.4f}"
+            f"{pixel_gap}"
+        ),
+    )
+
+
+def _guard_failures(
+    guards: dict[str, float], candidate: dict[str, float], production: dict[str, float]
+) -> list[str]:
+    failures = []
+    for metric, tolerance in guards.items():
+        if metric not in candidate or metric not in production:
+            failures.append(f"guard {metric}: no value to compare (candidate or production)")
+        elif production[metric] - candidate[metric] > tolerance + EPSILON:
+            drop = production[metric] - candidate[metric]
+            failures.append(f"guard {metric} fell {drop:.4f} > tolerance {tolerance}")
+    return failures
+
+
+def _judge(
+    params: Params, metrics: dict[str, float], baseline: Baseline | None
+) -> tuple[bool, float | None, str]:
+    """(promote?, the score to beat, why)."""
+    if baseline is None:
+        return _judge_first(params, metrics)
+    key, gain = params.registry.primary_metric, params.registry.min_gain
+    candidate, reference = metrics[key], baseline.metrics.get(key)
+    if reference is None:
+        return False, None, f"production v{baseline.version} has no {key} to compare with"
+    failures = _guard_failures(params.registry.guards, metrics, baseline.metrics)
+    if candidate + EPSILON < reference + gain:
+        failures.insert(0, f"{key} {candidate:.4f} < {reference:.4f} + min_gain {gain}")
+    verdict = "; ".join(failures) or (
+        f"{key} {candidate:.4f} >= {reference:.4f} + min_gain {gain}"
+        + (", guards held" if params.registry.guards else "")
+    )
+    return (
+        not failures,
+        reference,
+        f"vs production v{baseline.version} ({baseline.source}): {verdict}",
+    )
+
+
+# --- promote and rollback ---------------------------------------------------------------------
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _write(decision: Decision, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(asdict(decision), indent=2) + "\n")
+
+
+def _candidate_tags(
+    params: Params, metrics: dict[str, float], decision: Decision
+) -> dict[str, str]:
+    tags = {key: repr(float(value)) for key, value in metrics.items()}
+    tags |= {
+        "data_version": decision.data_version,
+        "git_commit": git_commit(),
+        "config_hash": decision.config_hash,
+        "eval_protocol": eval_protocol(params),
+        "decision": "promoted" if decision.promoted else "rejected",
+        "decision_reason": decision.reason,
+        "decided_at": decision.decided_at,
+    }
+    if decision.promoted and decision.previous_production is not None:
+        tags[REPLACED_TAG] = decision.previous_production
+    return tags
+
+
+def _alias_moves(decision: Decision) -> dict[str, str | None]:
+    if not decision.promoted:
+        return {CHALLENGER: decision.version}
+    if decision.previous_production is None:
+        return {PRODUCTION: decision.version}
+    return {PREVIOUS: decision.previous_production, PRODUCTION: decision.version}
+
+
+def _decision(
+    params: Params,
+    version: str,
+    reason: str,
+    *,
+    promoted: bool,
+    candidate: float | None,
+    baseline: float | None,
+    previous: str | None,
+    **extra: str,
+) -> Decision:
+    return Decision(
+        model_name=params.registry.model_name,
+        version=version,
+        promoted=promoted,
+        reason=reason,
+        metric=params.registry.primary_metric,
+        candidate=candidate,
+        baseline=baseline,
+        previous_production=previous,
+        config_hash=config_hash(params),
+        decided_at=_now(),
+        **extra,
     )
 
 
 def promote(
-    params: Params, model_uri: str, metrics: dict[str, float], data_version: str
+    params: Params,
+    model_uri: str,
+    metrics: dict[str, float],
+    data_version: str,
+    *,
+    decision_file: str | Path = DECISION_FILE,
 ) -> Decision:
-    """Register `model_uri`, gate it, move the aliases, and write promotion.json."""
+    """Register `model_uri`, gate it against production, move the aliases, record the decision.
+
+    The slow part (re-scoring production) runs before the lock; inside it production is read
+    again and, if another promotion moved it meanwhile, the gate is re-run against the new one.
+    """
+    key = params.registry.primary_metric
+    if key not in metrics:
+        raise ValueError(f"registry.primary_metric {key!r} is not in the candidate's metrics")
     setup_mlflow(params)
-    client = MlflowClient()
-    name = params.registry.model_name
-    production = _production_version(client, name)
-    version = mlflow.register_model(model_uri, name).version
-    promoted, baseline, reason = _gate(params, metrics, production)
-    decision = Decision(
-        model_name=name,
-        version=str(version),
-        promoted=promoted,
-        reason=reason,
-        metric=params.registry.primary_metric,
-        candidate=metrics[params.registry.primary_metric],
-        baseline=baseline,
-        previous_production=production.version if production else None,
-    )
-    tags = {k: f"{v:.6g}" for k, v in metrics.items()} | {
-        "data_version": data_version,
-        "git_commit": git_commit(),
-        "decision": "promoted" if promoted else "rejected",
-        "decision_reason": reason,
-    }
-    for key, value in tags.items():
-        client.set_model_version_tag(name, version, key, value)
-    if promoted:
-        if production is not None:
-            client.set_registered_model_alias(name, PREVIOUS, production.version)
-        client.set_registered_model_alias(name, PRODUCTION, version)
-    else:
-        client.set_registered_model_alias(name, CHALLENGER, version)
-    Path(DECISION_FILE).write_text(json.dumps(asdict(decision), indent=2) + "\n")
+    client, name = MlflowClient(), params.registry.model_name
+    production = version_by_alias(client, name, PRODUCTION)
+    baseline = _baseline(params, production, data_version)
+    version = str(mlflow.register_model(model_uri, name).version)
+    with registry_lock(tracking_uri(params), params.registry.lock_timeout_s):
+        current = version_by_alias(client, name, PRODUCTION)
+        if version_number(current) != version_number(production):
+            production, baseline = current, _baseline(params, current, data_version)
+        promoted, reference, reason = _judge(params, metrics, baseline)
+        decision = _decision(
+            params,
+            version,
+            reason,
+            promoted=promoted,
+            candidate=metrics[key],
+            baseline=reference,
+            previous=version_number(production),
+            data_version=data_version,
+        )
+        move_aliases(client, name, _alias_moves(decision))
+        set_version_tags(client, name, version, _candidate_tags(params, metrics, decision))
+    _write(decision, decision_file)
+    return decision
+
+
+def _metric_tag(version: ModelVersion | None, key: str) -> float | None:
+    value = None if version is None else version.tags.get(key)
+    return None if value is None else float(value)
+
+
+def rollback(
+    params: Params, *, reason: str = "", decision_file: str | Path = DECISION_FILE
+) -> Decision:
+    """Move `@production` back to `@previous`.
+
+    `@previous` then steps one further back (the version the restored one had replaced), so
+    repeated rollbacks walk the promotion history instead of toggling between two versions.
+    """
+    setup_mlflow(params)
+    client, name, key = MlflowClient(), params.registry.model_name, params.registry.primary_metric
+    with registry_lock(tracking_uri(params), params.registry.lock_timeout_s):
+        current = version_by_alias(client, name, PRODUCTION)
+        target = version_by_alias(client, name, PREVIOUS)
+        if target is None:
+            raise StageError(f"{name}: no @{PREVIOUS} version to roll back to")
+        restored, demoted = str(target.version), version_number(current)
+        decision = _decision(
+            params,
+            restored,
+            f"rolled back from v{demoted} to v{restored}: {reason or 'no reason given'}",
+            promoted=True,
+            candidate=_metric_tag(target, key),
+            baseline=_metric_tag(current, key),
+            previous=demoted,
+            action="rollback",
+            data_version=target.tags.get("data_version", ""),
+        )
+        move_aliases(client, name, {PRODUCTION: restored, PREVIOUS: target.tags.get(REPLACED_TAG)})
+        stamp = {"decided_at": decision.decided_at, "decision_reason": decision.reason}
+        set_version_tags(client, name, restored, {**stamp, "decision": "restored"})
+        if demoted is not None:
+            set_version_tags(client, name, demoted, {**stamp, "decision": "rolled back"})
+    _write(decision, decision_file)
     return decision

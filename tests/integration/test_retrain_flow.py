@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import mlflow
 import pytest
-from conftest import DVC
 from mlflow.tracking import MlflowClient
 from prefect.artifacts import Artifact
 
 pytestmark = pytest.mark.integration
+DVC = str(Path(sys.executable).with_name("dvc"))
 
 
 def test_retrain_flow_records_every_stage(project: Path, ray_cluster: None) -> None:

@@ -1,0 +1,94 @@
+"""The whole stage on digits with a tiny encoder: keys, files, determinism, the cache."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from evaluation_helpers import tiny_params
+
+from pipeline.evaluate import EvalReport, evaluate, score
+
+
+@dataclass
+class Runs:
+    root: Path
+    first: EvalReport
+    second: EvalReport
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory, digits_shards: Path, tiny_encoder: Path) -> Runs:
+    """Two stage runs with the same seed: the first fills the feature cache, the second reads it."""
+    root = tmp_path_factory.mktemp("stage")
+    params = tiny_params(root, digits_shards)
+    first = evaluate(params, str(tiny_encoder))
+    second = evaluate(params, str(tiny_encoder))
+    return Runs(root, first, second)
+
+
+def test_same_seed_same_numbers(runs: Runs) -> None:
+    assert runs.first.metrics == runs.second.metrics
+    assert any((runs.root / "features").rglob("train.npy")), "no feature cache was written"
+
+
+def test_report_keys(runs: Runs) -> None:
+    m = runs.first.metrics
+    own = [
+        "knn_top1",
+        "knn5_top1",
+        "linear_top1",
+        "linear_1pct_top1",
+        "linear_10pct_top1",
+        "fewshot_5w1s",
+        "fewshot_5w1s_ci95",
+        "fewshot_5w5s",
+        "fewshot_5w5s_ci95",
+        "transfer_digits_linear_top1",
+        "noise20_linear_top1",
+        "noise40_linear_top1",
+        "robust_clean_top1",
+        "corruption_mean_top1",
+        "corruption_gaussian_noise_s1_top1",
+        "corruption_gaussian_blur_s3_top1",
+        "corruption_contrast_s3_top1",
+        "fgsm_eps0.05_top1",
+        "pgd_eps0.05_top1",
+    ]
+    for key in own:
+        assert key in m and f"pixels_{key}" in m and f"random_{key}" in m, key
+    for key in ("supervised_top1", "noise40_supervised_top1"):  # eval.supervised_noise_rates
+        assert key in m and f"pixels_{key}" not in m, key
+    assert "noise20_supervised_top1" not in m
+    for key in ("fgsm_eps0.05", "pgd_eps0.05", "corruption_mean"):
+        assert f"{key}_supervised_top1" in m
+    assert all(0.0 <= v <= 1.0 for k, v in m.items() if not k.endswith("_ci95"))
+    # digits are easy: raw pixels are far above chance (1/10) by every probe
+    assert m["pixels_linear_top1"] > 0.8 and m["pixels_knn_top1"] > 0.8
+
+
+def test_outputs_written(runs: Runs) -> None:
+    payload = json.loads((runs.root / "metrics.json").read_text())
+    assert payload.pop("data_version") == runs.first.data_version
+    assert payload == runs.first.metrics
+    names = {p.name for p in (runs.root / "plots").glob("*.png")}
+    assert names == {
+        "tsne.png",
+        "confusion.png",
+        "fewshot.png",
+        "adversarial.png",
+        "corruptions.png",
+    }
+    assert "pixels" in runs.first.render()
+
+
+def test_score_without_references_matches(
+    runs: Runs, digits_shards: Path, tiny_encoder: Path
+) -> None:
+    params = tiny_params(runs.root, digits_shards)
+    alone = score(params, str(tiny_encoder), references=False)
+    assert alone == {k: v for k, v in runs.first.metrics.items() if k in alone}
+    own = {k for k in runs.first.metrics if not k.startswith(("pixels_", "random_"))}
+    assert set(alone) == {k for k in own if "supervised" not in k}
