@@ -112,22 +112,22 @@ class EvalParams(_Section):
     plots_dir: str = "eval_plots"
     features_dir: str = "runs/features"  # feature cache by model and data version ("" = off)
     seed: int = 0  # random-init reference, subsets, label noise, episodes, corruption noise
-    probe_iters: int = Field(100, ge=1)  # full-batch L-BFGS iterations of the linear probe
+    probe_iters: int = Field(50, ge=1)  # full-batch L-BFGS iterations of the linear probe
     probe_weight_decay: float = Field(1e-4, ge=0.0)
     low_label_fractions: list[Annotated[float, Field(gt=0.0, le=1.0)]] = [0.01, 0.1]
     fewshot_ways: int = Field(5, ge=2)
     fewshot_shots: list[Annotated[int, Field(ge=1)]] = [1, 5]
     fewshot_queries: int = Field(15, ge=1)  # per class and episode
-    fewshot_episodes: int = Field(300, ge=0)
+    fewshot_episodes: int = Field(200, ge=0)
     transfer_source: str = "digits"  # linear probe on another dataset ("" = off)
     transfer_shards_dir: str = "runs/shards-digits"  # sharded there on first use
     noise_rates: list[Annotated[float, Field(ge=0.0, lt=1.0)]] = [0.2, 0.4]
-    supervised_steps: int = Field(150, ge=0)  # supervised baseline budget (0 = no baseline)
+    supervised_steps: int = Field(100, ge=0)  # supervised baseline budget (0 = no baseline)
     supervised_batch_size: int = Field(64, ge=2)
     supervised_lr: float = Field(2e-3, gt=0.0)  # Adam
     # noise rates the baseline is also trained at (each costs one more baseline)
     supervised_noise_rates: list[Annotated[float, Field(ge=0.0, lt=1.0)]] = [0.4]
-    robustness_subset: int = Field(500, ge=0)  # test images attacked / corrupted (0 = off)
+    robustness_subset: int = Field(300, ge=0)  # test images attacked / corrupted (0 = off)
     corruptions: list[Literal["gaussian_noise", "gaussian_blur", "contrast"]] = [
         "gaussian_noise",
         "gaussian_blur",
@@ -136,7 +136,7 @@ class EvalParams(_Section):
     corruption_severities: list[Annotated[int, Field(ge=1, le=5)]] = [1, 3, 5]
     attack_eps: list[Annotated[float, Field(gt=0.0, le=1.0)]] = [0.01, 0.03, 0.1]
     pgd_steps: int = Field(5, ge=1)
-    tsne_points: int = Field(2000, ge=0)  # test points in the t-SNE plot (0 = no plot)
+    tsne_points: int = Field(1000, ge=0)  # test points in the t-SNE plot (0 = no plot)
 
     @model_validator(mode="after")
     def _fewshot_fits(self) -> EvalParams:
