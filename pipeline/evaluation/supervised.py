@@ -4,7 +4,7 @@ What it answers: is the self-supervised encoder + a linear probe better or worse
 training the same network on the (possibly noisy) labels? It is the reference for the
 label-noise and robustness protocols, where "pixels" and "random init" say little.
 Budget: a fixed number of Adam steps (cosine-decayed) on random batches of the train split,
-no augmentation; at the default 150 x 64 images that is about a sixth of an epoch of
+no augmentation; at the default 100 x 64 images that is about a ninth of an epoch of
 Fashion-MNIST: a cheap floor to compare against, not a tuned supervised result.
 """
 
@@ -23,7 +23,7 @@ from pipeline.evaluation.features import LabelledSplit, channels_last, ticker
 
 @dataclass(frozen=True)
 class SupervisedBudget:
-    steps: int = 150
+    steps: int = 100
     batch_size: int = 64
     lr: float = 2e-3
 
