@@ -65,14 +65,36 @@ def pretrain(
     resume: Annotated[bool, typer.Option(help="Continue the latest run.")] = False,
     address: Annotated[str | None, typer.Option(help="Ray cluster (or RAY_ADDRESS).")] = None,
     max_failures: Annotated[int, typer.Option(help="Worker failures to survive.")] = 0,
+    init_from: Annotated[
+        str | None,
+        typer.Option(help="Warm start: an encoder folder or models:/moco-encoder@production."),
+    ] = None,
 ) -> None:
     """MoCo pretraining on Ray Train; logs the run and the encoder to MLflow."""
     from pipeline.pretrain import pretrain as run_pretrain
 
+    extra = [f"train.init_from={init_from}"] if init_from else []
     result = run_pretrain(
-        _params(params, overrides), resume=resume, address=address, max_failures=max_failures
+        _params(params, [*(overrides or []), *extra]),
+        resume=resume,
+        address=address,
+        max_failures=max_failures,
     )
     typer.echo(result.render())
+
+
+@app.command()
+@_clean_errors
+def tune(
+    params: ParamsOpt = Path("params.yaml"),
+    overrides: SetOpt = None,
+    resume: Annotated[bool, typer.Option(help="Continue the latest (or tune.name) sweep.")] = False,
+    address: Annotated[str | None, typer.Option(help="Ray cluster (or RAY_ADDRESS).")] = None,
+) -> None:
+    """Ray Tune sweep (ASHA) over params.yaml's tune.space; writes the best config."""
+    from pipeline.tune import sweep
+
+    typer.echo(sweep(_params(params, overrides), resume=resume, address=address).render())
 
 
 @app.command()
@@ -150,6 +172,24 @@ def embed(
     model = model or f"models:/{config.registry.model_name}@production"
     summary = run_embed(config, model, source, out, device=device, batch_size=batch_size)
     typer.echo(summary.render())
+
+
+@app.command()
+@_clean_errors
+def schedule(
+    cron: Annotated[str, typer.Option(help='When to run, e.g. "0 3 * * *" (03:00 daily).')],
+    flow: Annotated[str, typer.Option(help="retrain or sweep.")] = "retrain",
+    params: ParamsOpt = Path("params.yaml"),
+    timezone: Annotated[str, typer.Option(help="The cron's time zone.")] = "UTC",
+) -> None:
+    """Serve a flow as a Prefect deployment on a cron schedule (runs until stopped).
+
+    Needs a Prefect server (`prefect server start`, then PREFECT_API_URL); for a work pool on a
+    shared server, deploy prefect.yaml instead (`prefect deploy --all`)."""
+    from pipeline.scheduling import serve_on_schedule
+
+    _params(params, [])  # a bad config is refused now, not at 3 a.m.
+    serve_on_schedule(flow, cron, str(params), timezone)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 DEFAULT_PARAMS = Path("params.yaml")
+SPACE_PREFIX = "tune.space."
 
 
 class ConfigError(ValueError):
@@ -85,7 +86,7 @@ class TrainParams(_Section):
     loader_workers: int = Field(0, ge=0)  # DataLoader processes per Ray worker
     shuffle_buffer: int = Field(2000, ge=0)
     checkpoint_every: int = Field(1, ge=1)
-    storage_path: str = "runs/ray"  # Ray Train checkpoints (local folder or s3://)
+    storage_path: str = "runs/ray"  # Ray Train checkpoints (on a cluster: a shared mount)
     output_dir: str = "models/encoder"  # the final encoder + run.json (a DVC output)
     init_from: str = ""  # warm start: a checkpoint file or models:/moco-encoder@production
     seed: int = 0
@@ -148,7 +149,7 @@ class EvalParams(_Section):
 class TrackingParams(_Section):
     uri: str = "sqlite:///mlflow.db"  # MLFLOW_TRACKING_URI, when set, wins
     experiment: str = "moco-pretrain"
-    artifact_location: str = "mlartifacts"
+    artifact_location: str = "mlartifacts"  # for local stores; a server uses its own
 
 
 class RegistryParams(_Section):
@@ -160,6 +161,78 @@ class RegistryParams(_Section):
     lock_timeout_s: float = Field(300.0, gt=0.0)  # wait for a concurrent promotion/rollback
 
 
+class Choice(_Section):
+    type: Literal["choice"]
+    values: list[Any] = Field(min_length=1)
+
+    def bounds(self) -> list[Any]:
+        return self.values
+
+
+class Range(_Section):
+    """A continuous (uniform, loguniform) or integer (randint, lograndint; high exclusive) range."""
+
+    type: Literal["uniform", "loguniform", "randint", "lograndint"]
+    low: float
+    high: float
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Range:
+        if not self.low < self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        if self.type.startswith("log") and self.low <= 0:
+            raise ValueError(f"{self.type} needs low > 0 (got {self.low})")
+        return self
+
+    def bounds(self) -> list[Any]:
+        if self.type.endswith("randint"):
+            return [int(self.low), int(self.high) - 1]
+        return [self.low, self.high]
+
+
+Distribution = Annotated[Choice | Range, Field(discriminator="type")]
+
+
+class TuneParams(_Section):
+    """A Ray Tune sweep (pipeline/tune.py): each trial is a Ray Train run of `train` with the
+    sampled values, stopped early by ASHA on the per-epoch metric."""
+
+    name: str = "sweep"  # experiment folder under storage_path; --resume continues it
+    num_samples: int = Field(8, ge=1)
+    max_concurrent_trials: int = Field(1, ge=1)
+    search: Literal["random", "optuna"] = "random"
+    metric: Literal["knn_top1", "loss"] = "knn_top1"  # per-epoch report; knn needs labels
+    epochs: int = Field(2, ge=1)  # per trial (ASHA's max_t); the best config keeps train.epochs
+    grace_period: int = Field(1, ge=1)  # epochs before ASHA may stop a trial
+    reduction_factor: float = Field(2.0, gt=1.0)
+    workers_per_trial: int = Field(2, ge=1)  # Ray Train workers (DDP ranks) in each trial
+    cpus_per_worker: float = Field(0.9, gt=0.0)
+    gpus_per_worker: Literal[0, 1] = 0
+    trial_cpus: float = Field(0.1, gt=0.0)  # the trial's own driver (it fits a TorchTrainer)
+    storage_path: str = "runs/tune"
+    best_params_file: str = "tune/best.yaml"
+    seed: int = 0
+    space: dict[str, Distribution] = {
+        "moco.temperature": Range(type="loguniform", low=0.05, high=0.5),
+        "moco.momentum": Choice(type="choice", values=[0.99, 0.995, 0.999]),
+        "moco.queue_size": Choice(type="choice", values=[1024, 4096, 16384]),
+        "train.lr": Range(type="loguniform", low=0.01, high=0.2),
+    }
+
+    @property
+    def mode(self) -> Literal["min", "max"]:
+        return "min" if self.metric == "loss" else "max"
+
+    def trial_overrides(self) -> dict[str, Any]:
+        """What every trial changes besides the sampled values: its schedule and resources."""
+        return {
+            "train.epochs": self.epochs,
+            "train.num_workers": self.workers_per_trial,
+            "train.cpus_per_worker": self.cpus_per_worker,
+            "train.use_gpu": self.gpus_per_worker > 0,
+        }
+
+
 class Params(_Section):
     data: DataParams = DataParams()
     model: ModelParams = ModelParams()
@@ -168,6 +241,7 @@ class Params(_Section):
     eval: EvalParams = EvalParams()
     tracking: TrackingParams = TrackingParams()
     registry: RegistryParams = RegistryParams()
+    tune: TuneParams = TuneParams()
 
     @model_validator(mode="after")
     def _queue_fits_batch(self) -> Params:
@@ -180,6 +254,20 @@ class Params(_Section):
                 f"{' x 2 (symmetric)' if self.moco.symmetric else ''}); raise the queue or lower "
                 "the batch"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _space_is_valid(self) -> Params:
+        """Every bound of the sweep must make a valid trial config, so a sweep cannot fail
+        on its 7th sample: each key names a setting and each extreme passes validation."""
+        for key, distribution in self.tune.space.items():
+            for value in distribution.bounds():
+                try:
+                    with_overrides(self, self.tune.trial_overrides() | {key: value})
+                except ConfigError as error:
+                    raise ValueError(
+                        f"tune.space.{key}: the bound {value!r} makes an invalid trial ({error})"
+                    ) from None
         return self
 
     def to_flat_dict(self) -> dict[str, Any]:
@@ -204,7 +292,11 @@ def _apply_override(tree: dict[str, Any], assignment: str) -> None:
             f"--set {assignment!r}: expected KEY=VALUE, e.g. --set moco.temperature=0.2"
         )
     key, raw = assignment.split("=", 1)
-    *parents, leaf = key.strip().split(".")
+    key = key.strip()
+    if key.startswith(SPACE_PREFIX):  # sweep keys are dotted setting names themselves
+        parents, leaf = SPACE_PREFIX.strip(".").split("."), key.removeprefix(SPACE_PREFIX)
+    else:
+        *parents, leaf = key.split(".")
     node = tree
     for part in parents:
         node = node.setdefault(part, {})
@@ -252,6 +344,29 @@ def load_params(
         return Params.model_validate(tree)
     except ValidationError as error:
         raise ConfigError(_describe(error, source)) from None
+
+
+def with_overrides(params: Params, values: dict[str, Any], keep_space: bool = False) -> Params:
+    """A copy of `params` with dotted keys set (a sweep trial, the best config of a sweep).
+
+    A trial config is not itself a sweep: its `tune.space` is emptied unless `keep_space`."""
+    tree = params.model_dump()
+    if not keep_space:
+        tree["tune"]["space"] = {}
+    for key, value in values.items():
+        *parents, leaf = key.split(".")
+        node = tree
+        for part in parents:
+            node = node.get(part)
+            if not isinstance(node, dict):
+                raise ConfigError(f"names no setting (no section {part!r})")
+        if leaf not in node:
+            raise ConfigError(f"names no setting (no {leaf!r} in {'.'.join(parents) or 'params'})")
+        node[leaf] = value
+    try:
+        return Params.model_validate(tree)
+    except ValidationError as error:
+        raise ConfigError(_describe(error, "override")) from None
 
 
 def dump_params(params: Params, path: str | Path) -> None:

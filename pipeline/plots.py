@@ -22,3 +22,38 @@ def plot_training_curves(run_id: str, metrics: tuple[str, ...] = ("loss", "knn_t
         ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
+
+
+def plot_parallel_coordinates(
+    trials: list[dict], keys: list[str], metric: str, log_keys: list[str]
+) -> Figure:
+    """A sweep at a glance: one line per trial across the swept settings and the metric,
+    coloured by the metric; dashed lines are trials ASHA stopped early."""
+    import numpy as np
+
+    axes_keys = [*keys, metric]
+    columns = []
+    for key in axes_keys:
+        values = np.array([float(t[key]) for t in trials])
+        if key in log_keys:
+            values = np.log10(values)
+        low, high = values.min(), values.max()
+        columns.append((values - low) / (high - low) if high > low else np.full_like(values, 0.5))
+    scores = np.array([float(t[metric]) for t in trials])
+    colours = plt.cm.viridis((scores - scores.min()) / (np.ptp(scores) or 1.0))
+    fig, ax = plt.subplots(figsize=(1.8 * len(axes_keys) + 2, 4))
+    xs = np.arange(len(axes_keys))
+    for i, trial in enumerate(trials):
+        style = "--" if trial.get("stop_reason") == "early_stopped" else "-"
+        ax.plot(xs, [c[i] for c in columns], style, color=colours[i], alpha=0.85, marker="o")
+    for x, key in zip(xs, axes_keys, strict=True):
+        ax.axvline(x, color="grey", lw=0.8)
+        values = [float(t[key]) for t in trials]
+        ax.annotate(f"{max(values):.3g}", (x, 1.02), ha="center", fontsize=8)
+        ax.annotate(f"{min(values):.3g}", (x, -0.08), ha="center", fontsize=8)
+    ax.set_xticks(xs, [f"{k}{' (log)' if k in log_keys else ''}" for k in axes_keys], fontsize=8)
+    ax.set_yticks([])
+    ax.set_ylim(-0.12, 1.08)
+    ax.set_title(f"{len(trials)} trials, coloured by {metric} (dashed: stopped early by ASHA)")
+    fig.tight_layout()
+    return fig

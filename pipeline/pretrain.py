@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from ray.train import (
     CheckpointConfig,
@@ -24,13 +25,19 @@ from ray.train import (
 )
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from pipeline.config import Params
+from pipeline.config import Params, with_overrides
 from pipeline.dataset import data_version, read_manifest, shard_urls, steps_per_epoch
 from pipeline.encoder import RUN_FILE, SPEC_FILE, WEIGHTS_FILE
 from pipeline.errors import StageError
 from pipeline.plots import plot_training_curves
 from pipeline.ray_cluster import check_resources, ensure_ray
-from pipeline.tracking import git_commit, log_encoder, setup_mlflow, tracking_uri
+from pipeline.tracking import (
+    git_commit,
+    log_encoder,
+    model_version_of,
+    setup_mlflow,
+    tracking_uri,
+)
 from pipeline.train_worker import WorkerConfig, train_loop
 
 LATEST_RUN_FILE = "latest-pretrain.json"  # under train.storage_path: what --resume continues
@@ -52,8 +59,8 @@ class PretrainResult:
 class EpochReporter(UserCallback):
     """Runs in Ray Train's controller: one progress line and MLflow metrics per epoch."""
 
-    def __init__(self, tracking: str, run_id: str, epochs: int) -> None:
-        self.tracking, self.run_id, self.epochs = tracking, run_id, epochs
+    def __init__(self, tracking: str, run_id: str, epochs: int, label: str = "pretrain") -> None:
+        self.tracking, self.run_id, self.epochs, self.label = tracking, run_id, epochs, label
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
         row = metrics[0]  # rank 0 holds the kNN monitor
@@ -64,10 +71,10 @@ class EpochReporter(UserCallback):
             metrics=[mlflow.entities.Metric(k, v, 0, epoch) for k, v in values.items()],
         )
         shown = "  ".join(f"{k} {v:.4g}" for k, v in values.items())
-        print(f"[pretrain] epoch {epoch + 1}/{self.epochs}  {shown}", flush=True)
+        print(f"[{self.label}] epoch {epoch + 1}/{self.epochs}  {shown}", flush=True)
 
 
-def _plan(params: Params) -> WorkerConfig:
+def plan(params: Params) -> WorkerConfig:
     """Resolve the data layout and refuse impossible configs before Ray starts."""
     shards = params.data.shards_dir
     t = params.train
@@ -90,14 +97,53 @@ def _plan(params: Params) -> WorkerConfig:
         )
     labelled = _labelled_splits(shards)
     monitor = params.eval.monitor_bank > 0 and {"train", "test"} <= labelled
+    init_from = _warm_start_location(t.init_from, tracking_uri(params))
     return WorkerConfig(
-        params=params.model_dump(),
+        params=params.model_dump() | {"train": t.model_dump() | {"init_from": init_from}},
         train_urls=train_urls,
         monitor_bank_urls=train_urls if monitor else [],
         monitor_query_urls=shard_urls(shards, "test") if monitor else [],
         num_classes=len(read_manifest(shards, "train").get("classes") or []),
         steps_per_epoch=steps,
     )
+
+
+def _warm_start_location(location: str, tracking: str) -> str:
+    """An absolute folder (workers run elsewhere) or an MLflow URI that resolves, checked now."""
+    if not location or location.startswith("runs:/"):
+        return location
+    if location.startswith("models:/"):
+        try:
+            model_version_of(location, MlflowClient(tracking))
+        except MlflowException as error:
+            raise ValueError(
+                f"train.init_from: {location} is not in the registry ({error.message}); "
+                "promote a model first or pass an encoder folder"
+            ) from None
+        return location
+    folder = Path(location).resolve()
+    if not (folder / WEIGHTS_FILE).exists():
+        raise ValueError(
+            f"train.init_from: {folder} holds no {WEIGHTS_FILE}; pass a folder written by "
+            "pretrain (models/encoder) or an MLflow model URI"
+        )
+    return str(folder)
+
+
+def warm_start_or_scratch(params: Params) -> tuple[Params, str]:
+    """For scheduled retraining: warm-start from the configured registry model when it exists,
+    else train from scratch (the first run has no production model yet). Returns the params
+    to use and a line saying which."""
+    location = params.train.init_from
+    if not location.startswith("models:/"):
+        return params, f"init: {location or 'from scratch'}"
+    try:
+        version = model_version_of(location, MlflowClient(tracking_uri(params)))
+    except MlflowException:
+        return with_overrides(params, {"train.init_from": ""}, keep_space=True), (
+            f"init: from scratch ({location} does not exist yet)"
+        )
+    return params, f"init: warm start from {location} (version {version.version})"
 
 
 def _labelled_splits(shards_dir: str) -> set[str]:
@@ -115,7 +161,7 @@ def pretrain(
     params: Params, *, resume: bool = False, address: str | None = None, max_failures: int = 0
 ) -> PretrainResult:
     """Train MoCo on the train shards; returns the MLflow run and the exported encoder."""
-    worker_config = _plan(params)
+    worker_config = plan(params)
     t = params.train
     check_resources(ensure_ray(address), t.num_workers, t.cpus_per_worker, t.use_gpu)
     storage = Path(t.storage_path).resolve()
@@ -143,7 +189,16 @@ def pretrain(
         run_id = mlflow.active_run().info.run_id
         latest.write_text(json.dumps({"run_id": run_id}))
     try:
-        result = _fit(params, worker_config, run_id, storage, max_failures)
+        reporter = EpochReporter(tracking_uri(params), run_id, t.epochs)
+        trainer = build_trainer(
+            params,
+            worker_config,
+            name=f"pretrain-{run_id}",
+            storage=storage,
+            callbacks=[reporter],
+            max_failures=max_failures,
+        )
+        result = fit(trainer)
         encoder_dir = _export(result.checkpoint, Path(t.output_dir))
         model_uri = log_encoder(encoder_dir)
         (encoder_dir / RUN_FILE).write_text(
@@ -169,9 +224,18 @@ def _export(checkpoint, output_dir: Path) -> Path:
     return output_dir
 
 
-def _fit(params: Params, worker_config: WorkerConfig, run_id: str, storage: Path, max_failures):
+def build_trainer(
+    params: Params,
+    worker_config: WorkerConfig,
+    *,
+    name: str,
+    storage: Path,
+    callbacks: list[UserCallback],
+    max_failures: int = 0,
+) -> TorchTrainer:
+    """A TorchTrainer for `params.train`'s workers: gloo on CPUs, NCCL on GPUs."""
     t = params.train
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop,
         train_loop_config=asdict(worker_config),
         scaling_config=ScalingConfig(
@@ -181,14 +245,20 @@ def _fit(params: Params, worker_config: WorkerConfig, run_id: str, storage: Path
         ),
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         run_config=RunConfig(
-            name=f"pretrain-{run_id}",
+            name=name,
             storage_path=str(storage),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
-            failure_config=FailureConfig(max_failures=max_failures),
-            callbacks=[EpochReporter(tracking_uri(params), run_id, t.epochs)],
+            # a worker group that cannot start (RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S) fails
+            # the run after one more try instead of retrying forever
+            failure_config=FailureConfig(max_failures=max_failures, controller_failure_limit=1),
+            callbacks=callbacks,
             worker_runtime_env={"env_vars": {"MLFLOW_TRACKING_URI": tracking_uri(params)}},
         ),
     )
+
+
+def fit(trainer: TorchTrainer):
+    """Run the trainer; a failure becomes one StageError line naming the failing rank."""
     try:
         result = trainer.fit()
     except TrainingFailedError as error:

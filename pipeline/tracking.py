@@ -13,11 +13,13 @@ from pathlib import Path
 
 import mlflow
 import torch
+from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import Params
 from pipeline.encoder import RUN_FILE, load_encoder
+from pipeline.errors import StageError
 
 
 def tracking_uri(params: Params) -> str:
@@ -32,11 +34,21 @@ def tracking_uri(params: Params) -> str:
 def setup_mlflow(params: Params) -> str:
     """Point MLflow at the store and return the experiment id, creating it with an explicit
     artifact location (else artifacts land in ./mlruns of whatever folder we run from)."""
-    mlflow.set_tracking_uri(tracking_uri(params))
+    uri = tracking_uri(params)
+    mlflow.set_tracking_uri(uri)
     name = params.tracking.experiment
-    experiment = mlflow.get_experiment_by_name(name)
+    try:
+        experiment = mlflow.get_experiment_by_name(name)
+    except MlflowException as error:
+        first = str(error).strip().splitlines()[0][:300]
+        raise StageError(
+            f"MLflow tracking store {uri} is unreachable ({first}); start the server or fix "
+            "MLFLOW_TRACKING_URI / tracking.uri"
+        ) from error
     if experiment is not None:
         return experiment.experiment_id
+    if uri.startswith(("http://", "https://", "databricks")):
+        return mlflow.create_experiment(name)  # the server decides (its artifact store)
     location = params.tracking.artifact_location
     if "://" not in location:
         location = Path(location).resolve().as_uri()
@@ -75,10 +87,10 @@ def log_encoder(encoder_dir: Path, name: str = "encoder") -> str:
     return info.model_uri
 
 
-def model_version_of(uri: str):
+def model_version_of(uri: str, client: MlflowClient | None = None):
     """The registry entry behind models:/<name>@<alias> or models:/<name>/<version>."""
     name, _, ref = uri.removeprefix("models:/").partition("@")
-    client = MlflowClient()
+    client = client or MlflowClient()
     if ref:
         return client.get_model_version_by_alias(name, ref)
     name, _, version = name.partition("/")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import threading
 import time
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import ray
 import torch
 from mlflow.tracking import MlflowClient
 
@@ -65,6 +67,15 @@ def test_two_workers_checkpoint_metrics_model_and_identical_queues(
     with torch.no_grad():
         assert torch.allclose(exported(images), encoder(images), atol=1e-5)
 
+    # --init-from: a warm start begins from these trained weights; with lr ~0 the next
+    # encoder keeps them (a run that ignored init_from would end at the seed's random init)
+    shutil.copytree(params.train.output_dir, "warm-from")
+    warm = pretrain(variant("train.init_from=warm-from", "train.lr=1e-12", "train.epochs=1"))
+    source = load_encoder("warm-from")[0].state_dict()
+    warmed = load_encoder(warm.encoder_dir)[0].state_dict()
+    convs = [k for k in source if k.endswith("conv1.weight") or k.endswith("conv2.weight")]
+    assert convs and all(torch.allclose(warmed[k], source[k], atol=1e-6) for k in convs)
+
 
 def test_resume_continues_the_same_run_from_its_checkpoint(
     params: Params, ray_cluster: None
@@ -106,13 +117,18 @@ def test_a_killed_worker_is_survived_from_the_last_checkpoint(
         target=lambda: outcome.update(result=pretrain(params, max_failures=1))
     )
     runner.start()
-    deadline = time.monotonic() + 300
-    while not list(Path("runs/ray").glob("pretrain-*/checkpoint_*/state.pt")):
-        assert time.monotonic() < deadline and runner.is_alive(), "no checkpoint appeared"
-        time.sleep(0.5)
-    workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
-    os.kill(workers[-1].pid, signal.SIGKILL)
-    runner.join(timeout=600)
+    try:
+        deadline = time.monotonic() + 300
+        while not list(Path("runs/ray").glob("pretrain-*/checkpoint_*/state.pt")):
+            assert time.monotonic() < deadline and runner.is_alive(), "no checkpoint appeared"
+            time.sleep(0.5)
+        workers = list_actors(
+            address=ray.get_runtime_context().gcs_address,  # this session's cluster only
+            filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
+        )
+        os.kill(workers[-1].pid, signal.SIGKILL)
+    finally:  # never leave the run going into the next test's folder
+        runner.join(timeout=600)
 
     result = outcome["result"]
     run = MlflowClient().get_run(result.run_id)

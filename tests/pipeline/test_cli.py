@@ -19,7 +19,7 @@ def runner(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> CliRunner:
     return CliRunner()
 
 
-@pytest.mark.parametrize("command", ["shard", "pretrain", "evaluate", "promote"])
+@pytest.mark.parametrize("command", ["shard", "pretrain", "tune", "evaluate", "promote"])
 def test_bad_override_is_refused_before_work(runner: CliRunner, command: str) -> None:
     result = runner.invoke(app, [command, "--set", "moco.temperature=0"])
     assert result.exit_code == 2
@@ -48,3 +48,51 @@ def test_evaluate_of_a_missing_model_names_it(runner: CliRunner) -> None:
     result = runner.invoke(app, ["evaluate", "--model", "nowhere"])
     assert result.exit_code == 2
     assert "nowhere" in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--cron", "61 * * * *"], "--cron '61 * * * *'"),
+        (["--cron", "0 3 * * *", "--timezone", "Mars/Base"], "Invalid timezone"),
+        (["--cron", "0 3 * * *", "--flow", "nightly"], "--flow 'nightly'"),
+    ],
+)
+def test_a_bad_schedule_is_refused_with_one_line(
+    runner: CliRunner, args: list[str], needle: str
+) -> None:
+    result = runner.invoke(app, ["schedule", *args])
+    assert result.exit_code == 2
+    assert len(result.output.strip().splitlines()) == 1
+    assert needle in result.output
+
+
+def test_tune_refuses_a_space_bound_that_makes_an_invalid_trial(runner: CliRunner) -> None:
+    result = runner.invoke(
+        app, ["tune", "--set", "tune.space.moco.queue_size={type: choice, values: [16, 4096]}"]
+    )
+    assert result.exit_code == 2
+    assert "tune.space.moco.queue_size: the bound 16 makes an invalid trial" in result.output
+
+
+def test_resume_without_a_sweep_says_so(runner: CliRunner) -> None:
+    assert runner.invoke(app, ["shard", "--source", "digits"]).exit_code == 0
+    result = runner.invoke(app, ["tune", "--resume"])
+    assert result.exit_code == 2
+    assert "no sweep to resume" in result.output
+
+
+def test_warm_start_from_a_model_that_is_not_registered_is_refused(runner: CliRunner) -> None:
+    assert runner.invoke(app, ["shard", "--source", "digits"]).exit_code == 0
+    result = runner.invoke(app, ["pretrain", "--init-from", "models:/moco-encoder@production"])
+    assert result.exit_code == 2
+    assert "train.init_from: models:/moco-encoder@production is not in the registry" in (
+        result.output
+    )
+
+
+def test_warm_start_from_a_folder_without_an_encoder_is_refused(runner: CliRunner) -> None:
+    assert runner.invoke(app, ["shard", "--source", "digits"]).exit_code == 0
+    result = runner.invoke(app, ["pretrain", "--init-from", "nowhere"])
+    assert result.exit_code == 2
+    assert "holds no encoder.safetensors" in result.output

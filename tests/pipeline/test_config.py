@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import ConfigError, Params, dump_params, load_params
+from pipeline.config import ConfigError, Params, dump_params, load_params, with_overrides
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -66,3 +66,49 @@ def test_dump_round_trips(tmp_path: Path) -> None:
 @pytest.mark.parametrize("path", sorted(ROOT.glob("params*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_params_file_is_valid(path: Path) -> None:
     load_params(path)
+
+
+# --- the sweep's search space ------------------------------------------------------------------
+
+
+def test_sweep_keys_keep_their_dots_in_overrides() -> None:
+    params = load_params(None, ["tune.space.train.lr={type: loguniform, low: 0.001, high: 0.1}"])
+    assert params.tune.space["train.lr"].low == 0.001
+
+
+@pytest.mark.parametrize(
+    ("assignment", "needle"),
+    [
+        ("tune.space.moco.nope={type: choice, values: [1]}", "names no setting"),
+        ("tune.space.moco.temperature={type: uniform, low: -1, high: 1}", "the bound -1.0"),
+        ("tune.space.train.lr={type: loguniform, low: 0, high: 1}", "needs low > 0"),
+        ("tune.space.train.lr={type: uniform, low: 0.2, high: 0.1}", "must be below high"),
+    ],
+)
+def test_a_sweep_that_would_build_an_invalid_trial_is_refused_up_front(
+    assignment: str, needle: str
+) -> None:
+    with pytest.raises(ConfigError, match=needle) as caught:
+        load_params(None, [assignment])
+    assert "\n" not in str(caught.value)
+
+
+def test_trial_bounds_are_checked_with_the_trial_resources() -> None:
+    # 4 workers x 128 = 512 keys per step: a 256-key queue only fails for the trial's resources
+    with pytest.raises(ConfigError, match="the bound 256 makes an invalid trial"):
+        load_params(
+            None,
+            [
+                "tune.workers_per_trial=4",
+                "tune.space.moco.queue_size={type: choice, values: [256]}",
+            ],
+        )
+
+
+def test_with_overrides_sets_dotted_keys_and_validates() -> None:
+    params = with_overrides(Params(), {"moco.temperature": 0.3, "train.num_workers": 1})
+    assert params.moco.temperature == 0.3 and params.train.num_workers == 1
+    assert params.tune.space == {}  # a trial is not itself a sweep
+    assert with_overrides(Params(), {}, keep_space=True).tune.space == Params().tune.space
+    with pytest.raises(ConfigError, match="greater than 0"):
+        with_overrides(Params(), {"moco.temperature": 0.0})

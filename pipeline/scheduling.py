@@ -1,0 +1,45 @@
+"""Scheduled runs: serve a flow as a Prefect deployment on a cron schedule.
+
+The flow is loaded from its entrypoint (`flows/retrain.py:retrain`), the same reference
+prefect.yaml uses, so the pipeline package never imports the flows package.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+FLOWS_DIR = Path(__file__).resolve().parents[1] / "flows"
+FLOWS = ("retrain", "sweep")
+
+
+def check_cron(cron: str, timezone: str = "UTC") -> None:
+    """Refuse a bad schedule now, with the fix, rather than deep inside Prefect."""
+    from prefect.client.schemas.schedules import CronSchedule
+    from pydantic import ValidationError
+
+    try:
+        CronSchedule(cron=cron, timezone=timezone)
+    except ValidationError as error:
+        detail = error.errors()[0]["msg"].removeprefix("Value error, ")
+        raise ValueError(
+            f"--cron {cron!r} --timezone {timezone!r}: {detail}; use five cron fields, e.g. "
+            "'0 3 * * *', and an IANA zone such as UTC"
+        ) from None
+
+
+def serve_on_schedule(flow: str, cron: str, params_file: str, timezone: str = "UTC") -> None:
+    """Create (or update) the deployment `<flow>-scheduled` and run it on schedule until
+    stopped; at most one run of it at a time (a late run waits for the one before)."""
+    from prefect.flows import load_flow_from_entrypoint
+    from prefect.schedules import Cron
+
+    if flow not in FLOWS:
+        raise ValueError(f"--flow {flow!r}: choose one of {', '.join(FLOWS)}")
+    check_cron(cron, timezone)
+    loaded = load_flow_from_entrypoint(f"{FLOWS_DIR / flow}.py:{flow}")
+    loaded.serve(
+        name=f"{flow}-scheduled",
+        schedules=[Cron(cron, timezone=timezone)],
+        parameters={"params_file": str(Path(params_file).resolve())},
+        global_limit=1,
+    )

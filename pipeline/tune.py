@@ -1,0 +1,330 @@
+"""The tune stage: a Ray Tune sweep over MoCo's temperature, momentum, queue size and lr.
+
+Each trial fits its own TorchTrainer (a distributed Ray Train run of pipeline/train_worker.py)
+on the same shards; ASHA stops weak trials on the per-epoch metric. MLflow gets one parent run
+per sweep and one nested child run per trial; the best config is written in params.yaml's shape.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.tracking import MlflowClient
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import BasicVariantGenerator
+
+from pipeline.config import Choice, Params, Range, TuneParams, dump_params, with_overrides
+from pipeline.dataset import data_version
+from pipeline.errors import StageError
+from pipeline.plots import plot_parallel_coordinates
+from pipeline.pretrain import EpochReporter, build_trainer, fit, plan
+from pipeline.ray_cluster import ensure_ray
+from pipeline.tracking import git_commit, setup_mlflow, tracking_uri
+
+LATEST_SWEEP_FILE = "latest-sweep.json"  # under tune.storage_path: what --resume continues
+PARENT_FILE = "mlflow-parent.json"  # in the sweep's folder: its MLflow parent run
+TRIAL_TAG = "tune_trial_id"
+
+
+@dataclass
+class TrialSetup:
+    """What every trial needs besides its sampled values (shipped once via the object store)."""
+
+    params: dict[str, Any]  # the base config; each trial overrides the sampled keys
+    tracking: str
+    experiment_id: str
+    parent_run_id: str
+    train_storage: str  # absolute: Tune trials run in their own working folders
+
+
+@dataclass
+class SweepResult:
+    parent_run_id: str
+    best_params_file: str
+    best_values: dict[str, Any]
+    best_metric: float
+    trials: list[dict[str, Any]] = field(default_factory=list)
+
+    def render(self) -> str:
+        stopped = sum(t["stop_reason"] == "early_stopped" for t in self.trials)
+        values = ", ".join(f"{k}={v:.4g}" for k, v in self.best_values.items())
+        return (
+            f"tune: {len(self.trials)} trials ({stopped} stopped early by ASHA), "
+            f"MLflow parent run {self.parent_run_id}\n"
+            f"  best: {values} -> {self.best_metric:.4f}\n"
+            f"  retrain it: mocopipe pretrain --params {self.best_params_file}"
+        )
+
+
+def search_space(space: dict[str, Choice | Range]) -> dict[str, Any]:
+    """params.yaml's distributions as Tune domains."""
+    domains = {
+        "uniform": tune.uniform,
+        "loguniform": tune.loguniform,
+        "randint": lambda low, high: tune.randint(int(low), int(high)),
+        "lograndint": lambda low, high: tune.lograndint(int(low), int(high)),
+    }
+    return {
+        key: tune.choice(d.values) if isinstance(d, Choice) else domains[d.type](d.low, d.high)
+        for key, d in space.items()
+    }
+
+
+def _searcher(tp: TuneParams):
+    """Random (seeded) or Optuna TPE, either holding at most max_concurrent_trials at once:
+    more would queue worker groups the cluster cannot place (a deadlock, not an error)."""
+    if tp.search == "optuna":
+        from ray.tune.search import ConcurrencyLimiter
+        from ray.tune.search.optuna import OptunaSearch
+
+        return ConcurrencyLimiter(OptunaSearch(seed=tp.seed), tp.max_concurrent_trials)
+    # Tune ignores TuneConfig.max_concurrent_trials for a generator: it takes its own limit
+    return BasicVariantGenerator(random_state=tp.seed, max_concurrent=tp.max_concurrent_trials)
+
+
+def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
+    """One trial (run by Tune): a Ray Train run of the sampled config, reporting each epoch to
+    Tune (for ASHA) and to its own nested MLflow run."""
+    trial_id = tune.get_context().get_trial_id()
+    base = Params.model_validate(setup.params)
+    params = with_overrides(base, base.tune.trial_overrides() | config)
+    run_id = _child_run(setup, trial_id, config)
+    trainer = build_trainer(
+        params,
+        plan(params),
+        name=f"trial-{trial_id}",
+        storage=Path(setup.train_storage),
+        # MLflow first: once Tune hears the epoch, ASHA may stop (kill) this trial at once
+        callbacks=[
+            EpochReporter(setup.tracking, run_id, params.train.epochs, label=trial_id),
+            TuneReportCallback(),
+        ],
+    )
+    fit(trainer)
+
+
+def _child_run(setup: TrialSetup, trial_id: str, config: dict[str, Any]) -> str:
+    """The trial's nested MLflow run; a resumed trial continues the run it started."""
+    client = MlflowClient(setup.tracking)
+    existing = client.search_runs(
+        [setup.experiment_id],
+        filter_string=f"tags.{TRIAL_TAG} = '{trial_id}' "
+        f"and tags.mlflow.parentRunId = '{setup.parent_run_id}'",
+    )
+    if existing:
+        return existing[0].info.run_id
+    run = client.create_run(
+        setup.experiment_id,
+        run_name=f"trial-{trial_id}",
+        tags={"mlflow.parentRunId": setup.parent_run_id, TRIAL_TAG: trial_id, "stage": "tune"},
+    )
+    client.log_batch(
+        run.info.run_id,
+        params=[mlflow.entities.Param(k, str(v)) for k, v in config.items()],
+    )
+    return run.info.run_id
+
+
+def _check_fits(tp: TuneParams, resources: dict[str, float]) -> None:
+    """Refuse a trial the cluster can never place (it would wait forever, not fail)."""
+    cpus = tp.trial_cpus + tp.workers_per_trial * tp.cpus_per_worker
+    if resources.get("CPU", 0) < cpus:
+        raise ValueError(
+            f"tune: one trial needs {cpus:g} CPUs (tune.trial_cpus + tune.workers_per_trial x "
+            f"tune.cpus_per_worker) but the Ray cluster has {resources.get('CPU', 0):g}; lower "
+            "them or point RAY_ADDRESS at a bigger cluster"
+        )
+    gpus = tp.workers_per_trial * tp.gpus_per_worker
+    if resources.get("GPU", 0) < gpus:
+        raise ValueError(
+            f"tune: one trial needs {gpus} GPUs but the Ray cluster has "
+            f"{resources.get('GPU', 0):g}; set tune.gpus_per_worker=0 or add GPU nodes"
+        )
+
+
+def _experiment(params: Params, storage: Path, resume: bool) -> tuple[str, Path]:
+    """The sweep's name and folder: a new (timestamped) one, or the latest one to resume."""
+    latest = storage / LATEST_SWEEP_FILE
+    if resume:
+        name = params.tune.name
+        if not name and latest.exists():
+            name = json.loads(latest.read_text())["name"]
+        if not name or not tune.Tuner.can_restore(str(storage / name)):
+            raise ValueError(
+                f"{storage / (name or '<latest>')}: no sweep to resume; run without --resume"
+            )
+        return name, storage / name
+    name = params.tune.name or time.strftime("sweep-%Y%m%d-%H%M%S")
+    if (storage / name).exists():
+        raise ValueError(
+            f"{storage / name}: a sweep of that name exists; pass --resume to continue it or "
+            "set tune.name to a new name"
+        )
+    return name, storage / name
+
+
+def sweep(params: Params, *, resume: bool = False, address: str | None = None) -> SweepResult:
+    """Run (or resume) the sweep in `params.tune`; returns the best config and every trial."""
+    tp = params.tune
+    if not tp.space:
+        raise ValueError("tune.space is empty: name at least one setting to sweep")
+    trial_config = plan(with_overrides(params, tp.trial_overrides()))  # refuse before Ray starts
+    if tp.metric == "knn_top1" and not trial_config.monitor_bank_urls:
+        raise ValueError(
+            "tune.metric knn_top1 needs labelled train and test shards and eval.monitor_bank > 0;"
+            " set tune.metric: loss for unlabelled data"
+        )
+    storage = Path(tp.storage_path).resolve()
+    name, folder = _experiment(params, storage, resume)
+    _check_fits(tp, ensure_ray(address))
+    storage.mkdir(parents=True, exist_ok=True)
+    (storage / LATEST_SWEEP_FILE).write_text(json.dumps({"name": name}))
+    experiment_id = setup_mlflow(params)
+    parent_run_id = _parent_run(params, experiment_id, folder, name, resume)
+    shards = Path(params.data.shards_dir).resolve()  # trials run in their own folders
+    setup = TrialSetup(
+        params=with_overrides(
+            params, {"data.shards_dir": str(shards)}, keep_space=True
+        ).model_dump(),
+        tracking=tracking_uri(params),
+        experiment_id=experiment_id,
+        parent_run_id=parent_run_id,
+        train_storage=str(folder / "train"),
+    )
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, setup=setup), {"cpu": tp.trial_cpus, "gpu": 0}
+    )
+    try:
+        if resume:
+            tuner = tune.Tuner.restore(str(folder), trainable=trainable, resume_errored=True)
+        else:
+            tuner = tune.Tuner(
+                trainable,
+                param_space=search_space(tp.space),
+                tune_config=tune.TuneConfig(
+                    metric=tp.metric,
+                    mode=tp.mode,
+                    num_samples=tp.num_samples,
+                    search_alg=_searcher(tp),
+                    scheduler=ASHAScheduler(
+                        max_t=tp.epochs,
+                        grace_period=tp.grace_period,
+                        reduction_factor=tp.reduction_factor,
+                    ),
+                ),
+                run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=1),
+            )
+        trials = _record_trials(tuner.fit(), setup, tp)
+        result = _record_best(params, trials, folder)
+    except BaseException as error:
+        mlflow.set_tag("failure", f"{type(error).__name__}: {error}"[:5000])
+        mlflow.end_run(status="FAILED")
+        raise
+    mlflow.end_run()
+    return result
+
+
+def _parent_run(params: Params, experiment_id: str, folder: Path, name: str, resume: bool) -> str:
+    """Start (or reopen, on --resume) the sweep's parent run, recording the search space."""
+    record = folder / PARENT_FILE
+    if resume and record.exists():
+        return mlflow.start_run(run_id=json.loads(record.read_text())["run_id"]).info.run_id
+    run = mlflow.start_run(experiment_id=experiment_id, run_name=name)
+    tp = params.tune
+    mlflow.log_params({f"tune.{k}": v for k, v in tp.model_dump(exclude={"space"}).items()})
+    mlflow.log_dict({k: d.model_dump() for k, d in tp.space.items()}, "search_space.json")
+    mlflow.set_tags(
+        {
+            "stage": "tune",
+            "git_commit": git_commit(),
+            "data_version": data_version(params.data.shards_dir),
+        }
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps({"run_id": run.info.run_id}))
+    return run.info.run_id
+
+
+def _stop_reason(result, epochs: int) -> str:
+    if result.error is not None:
+        return "failed"
+    done = (result.metrics or {}).get("training_iteration", 0)
+    return "completed" if done >= epochs else "early_stopped"
+
+
+def _record_trials(grid, setup: TrialSetup, tp: TuneParams) -> list[dict[str, Any]]:
+    """One row per trial; each child run gets its stop reason and a final status."""
+    client = MlflowClient(setup.tracking)
+    children = {
+        run.data.tags[TRIAL_TAG]: run.info.run_id
+        for run in client.search_runs(
+            [setup.experiment_id],
+            filter_string=f"tags.mlflow.parentRunId = '{setup.parent_run_id}'",
+        )
+    }
+    rows = []
+    for result in grid:
+        metrics = result.metrics or {}
+        trial_id = metrics.get("trial_id") or Path(result.path).name
+        reason = _stop_reason(result, tp.epochs)
+        row = {"trial_id": trial_id, **{k: result.config.get(k) for k in tp.space}}
+        row |= {
+            tp.metric: metrics.get(tp.metric),
+            "loss": metrics.get("loss"),
+            "epochs": metrics.get("training_iteration", 0),
+            "stop_reason": reason,
+            "run_id": children.get(trial_id, ""),
+        }
+        if row["run_id"]:
+            client.set_tag(row["run_id"], "stop_reason", reason)
+            if result.error is not None:
+                client.set_tag(row["run_id"], "failure", str(result.error)[:5000])
+            client.set_terminated(row["run_id"], "FAILED" if result.error else "FINISHED")
+        rows.append(row)
+    return rows
+
+
+def _record_best(params: Params, trials: list[dict[str, Any]], folder: Path) -> SweepResult:
+    """Pick the best trial among those that ran the full schedule; write and log its config."""
+    tp = params.tune
+    scored = [t for t in trials if t["stop_reason"] != "failed" and t[tp.metric] is not None]
+    if not scored:
+        raise StageError(f"tune: every trial failed; see {folder} and the MLflow child runs")
+    completed = [t for t in scored if t["stop_reason"] == "completed"] or scored
+    pick = max if tp.mode == "max" else min
+    best = pick(completed, key=lambda t: t[tp.metric])
+    values = {k: best[k] for k in tp.space}
+    dump_params(with_overrides(params, values, keep_space=True), tp.best_params_file)
+
+    table = folder / "trials.csv"
+    trials = sorted(scored, key=lambda t: t[tp.metric], reverse=tp.mode == "max") + [
+        t for t in trials if t not in scored
+    ]
+    with table.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(trials[0]))
+        writer.writeheader()
+        writer.writerows(trials)
+    mlflow.log_artifact(str(table))
+    mlflow.log_artifact(tp.best_params_file)
+    log_axes = [k for k, d in tp.space.items() if d.type.startswith("log")]
+    mlflow.log_figure(
+        plot_parallel_coordinates(scored, list(tp.space), tp.metric, log_axes),
+        "parallel_coordinates.png",
+    )
+    mlflow.log_metric(f"best_{tp.metric}", best[tp.metric])
+    mlflow.set_tags({"best_trial": best["trial_id"], "best_run_id": best["run_id"]})
+    return SweepResult(
+        parent_run_id=mlflow.active_run().info.run_id,
+        best_params_file=tp.best_params_file,
+        best_values=values,
+        best_metric=best[tp.metric],
+        trials=trials,
+    )
