@@ -1,35 +1,53 @@
-"""The `retrain` flow: shard -> version -> pretrain -> evaluate -> promote, with a summary."""
+"""The `retrain` flow: shard -> pretrain -> evaluate -> promote -> version, with a summary.
+
+Scheduled retraining runs this: only new images are sharded (and an unchanged source skips
+sharding altogether), the encoder is warm-started from `@production` when `train.init_from`
+says so, and the gate decides whether it serves. DVC records the stages only once every stage
+has passed, so a failed run leaves dvc.lock, the DVC remote and `@production` as they were.
+"""
 
 from __future__ import annotations
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from flows.tasks import (
-    evaluate_task,
-    pretrain_task,
-    promote_task,
-    push_task,
-    shard_task,
-    version_task,
-)
-from pipeline.config import load_params
+from flows.lock import project_lock
+from flows.tasks import pretrain_evaluate_promote, push_task, shard_task, version_task
+from pipeline.config import Params, load_params
+from pipeline.dataset import data_version
+from pipeline.pretrain import warm_start_or_scratch
+from pipeline.shard import ShardSummary
 from pipeline.summary import retrain_summary
+
+
+def _shard(params: Params) -> tuple[ShardSummary, bool]:
+    """Shard, or reuse the cached result when the inputs are unchanged and the shards on disk
+    are still the version it produced (else they were changed or removed: shard again)."""
+    state = shard_task(params, return_state=True)
+    sharded = state.result()
+    if state.name != "Cached":
+        return sharded, False
+    try:
+        if data_version(params.data.shards_dir) == sharded.data_version:
+            return sharded, True
+    except FileNotFoundError:
+        pass
+    return shard_task.with_options(refresh_cache=True)(params), False
 
 
 @flow(name="retrain", log_prints=True)
 def retrain(params_file: str = "params.yaml") -> str:
     """Retrain the encoder on the current data and promote it if it beats production."""
     params = load_params(params_file)
-    sharded = shard_task(params)
-    version_task("shard")
-    push_task()
-    trained = pretrain_task(params)
-    report = evaluate_task(params, trained.encoder_dir)
-    decision = promote_task(params, trained.model_uri, report.metrics, report.data_version)
-    version_task("pretrain", "evaluate", "promote")
-    push_task()
-    summary = retrain_summary(sharded, trained, report, decision)
+    with project_lock():
+        sharded, cached = _shard(params)
+        print("shard: skipped, inputs unchanged (cached)" if cached else sharded.render())
+        params, init = warm_start_or_scratch(params)
+        print(init)
+        trained, report, decision = pretrain_evaluate_promote(params)
+        version_task("shard", "pretrain", "evaluate", "promote")
+        push_task()
+    summary = retrain_summary(sharded, trained, report, decision, cached=cached, init=init)
     create_markdown_artifact(key="retrain-summary", markdown=summary, description="retrain")
     print(summary)
     return summary

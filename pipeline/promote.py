@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import mlflow
 from mlflow.entities.model_registry import ModelVersion
@@ -65,6 +66,7 @@ class Decision:
     data_version: str = ""
     config_hash: str = ""
     decided_at: str = ""
+    production_metrics: dict[str, float] = field(default_factory=dict)  # what it was gated on
 
     def render(self) -> str:
         if self.action == "rollback":
@@ -243,7 +245,7 @@ def _decision(
     candidate: float | None,
     baseline: float | None,
     previous: str | None,
-    **extra: str,
+    **extra: Any,
 ) -> Decision:
     return Decision(
         model_name=params.registry.model_name,
@@ -295,6 +297,7 @@ def promote(
             baseline=reference,
             previous=version_number(production),
             data_version=data_version,
+            production_metrics=dict(baseline.metrics) if baseline else {},
         )
         move_aliases(client, name, _alias_moves(decision))
         set_version_tags(client, name, version, _candidate_tags(params, metrics, decision))

@@ -181,6 +181,24 @@ def shard(params: Params, source: str | None = None) -> ShardSummary:
     return _summary(root, src, staged, skipped=not (staged or removed))
 
 
+def input_key(params: Params, source: str | None = None) -> str:
+    """A cheap key of what `shard` reads: the data settings and the source (its fingerprint, or
+    for a folder each file's path, size and mtime). Same key, same shards: a flow may skip the
+    stage (Prefect caches on this), after checking the shards on disk are still that version."""
+    cfg = params.data
+    spec = source or cfg.source
+    settings = cfg.model_dump() | {"shards_dir": str(Path(cfg.shards_dir).resolve())}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    digest.update(spec.encode())
+    if Path(spec).is_dir():
+        for path in sorted(p for p in Path(spec).rglob("*") if p.is_file()):
+            stat = path.stat()
+            digest.update(f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    else:
+        digest.update(open_source(spec, cfg).fingerprint.encode())
+    return digest.hexdigest()
+
+
 # --- per split ------------------------------------------------------------------------------
 
 

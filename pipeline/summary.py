@@ -8,31 +8,48 @@ from pipeline.promote import Decision
 from pipeline.shard import ShardSummary
 
 
+def _cell(value: float | None) -> str:
+    return "–" if value is None else f"{value:.4f}"
+
+
 def retrain_summary(
-    sharded: ShardSummary, trained: PretrainResult, report: EvalReport, decision: Decision
+    sharded: ShardSummary,
+    trained: PretrainResult,
+    report: EvalReport,
+    decision: Decision,
+    *,
+    cached: bool = False,
+    init: str = "",
 ) -> str:
-    """Markdown: data version, metrics next to references, the decision, where to look."""
-    rows = [
-        f"| {name} | {value:.4f} | "
-        + " | ".join(
-            f"{report.metrics.get(f'{ref}_{name}', float('nan')):.4f}" for ref in REFERENCES
-        )
-        + " |"
-        for name, value in report.metrics.items()
-        if not name.startswith(REFERENCES)
-    ]
+    """Markdown: data version, metrics next to production's and the references, the
+    decision and its reason, and where to look further."""
+    production = decision.production_metrics
+    columns = (
+        ["encoder", f"production v{decision.previous_production}"] if production else ["encoder"]
+    )
+    columns += list(REFERENCES)
+    rows = []
+    for name, value in report.metrics.items():
+        if name.startswith(REFERENCES):
+            continue
+        cells = [value, *([production.get(name)] if production else [])]
+        cells += [report.metrics.get(f"{ref}_{name}") for ref in REFERENCES]
+        rows.append(f"| {name} | " + " | ".join(map(_cell, cells)) + " |")
     verdict = "promoted to `@production`" if decision.promoted else "not promoted (`@challenger`)"
+    new = ", ".join(f"{split} +{r['new_samples']} new" for split, r in sharded.splits.items())
+    shards = "sharding skipped: inputs unchanged" if cached else f"sharded: {new}"
     return "\n".join(
         [
             "## moco-pipeline retrain",
             "",
-            f"- data version: `{report.data_version}` ({sharded.render().splitlines()[0]})",
-            f"- MLflow run: `{trained.run_id}`, model `{decision.model_name}` "
-            f"v{decision.version}: {verdict}",
+            f"- data version: `{report.data_version}` ({shards})",
+            f"- MLflow run: `{trained.run_id}` ({init or 'from scratch'})",
+            f"- model `{decision.model_name}` v{decision.version} (`{trained.model_uri}`): "
+            f"{verdict}",
             f"- reason: {decision.reason}",
             "",
-            "| metric | encoder | " + " | ".join(REFERENCES) + " |",
-            "|---|---|" + "---|" * len(REFERENCES),
+            "| metric | " + " | ".join(columns) + " |",
+            "|---|" + "---|" * len(columns),
             *rows,
             "",
             "Look further: `mlflow ui --backend-store-uri sqlite:///mlflow.db` · "

@@ -12,6 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline.config import DataParams
+from pipeline.sources import FASHION_MNIST_CLASSES, fashion_mnist
+
 ROOT = Path(__file__).resolve().parents[2]
 DVC = str(Path(sys.executable).with_name("dvc"))
 
@@ -75,3 +78,44 @@ def prefect_home(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Prefect's ephemeral server keeps its state in a throwaway folder."""
     os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+
+
+# one epoch and the cheap protocols only: this test is about the records, not the numbers
+FLOW = {
+    "data": {"source": "images", "min_shards": 2},
+    "train": {"epochs": 1},
+    "eval": {
+        "low_label_fractions": [],
+        "fewshot_episodes": 0,
+        "transfer_source": "",
+        "noise_rates": [],
+        "supervised_steps": 0,
+        "robustness_subset": 0,
+        "tsne_points": 0,
+    },
+}
+
+
+def _write_fashion_images(root: Path, split: str, start: int, count: int) -> None:
+    """Fashion-MNIST images `start..start+count` of a split as PNG files in class folders."""
+    limits = {"train": 2000, "test": 400}
+    images = fashion_mnist(Path(DataParams().fashion_mnist_dir), limits).splits[split]
+    for candidate in images[start : start + count]:
+        folder = root / split / FASHION_MNIST_CLASSES[candidate.label]
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{candidate.ref.replace('#', '-')}.png").write_bytes(candidate.read())
+
+
+@pytest.fixture
+def flow_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    folder = make_project(tmp_path / "project", FLOW)
+    _write_fashion_images(folder / "images", "train", 0, 1024)
+    _write_fashion_images(folder / "images", "test", 0, 256)
+    monkeypatch.chdir(folder)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return folder
+
+
+@pytest.fixture
+def write_fashion_images():
+    return _write_fashion_images

@@ -1,7 +1,8 @@
-"""End to end: the `retrain` Prefect flow on a small real Fashion-MNIST subset.
+"""End to end: the `retrain` Prefect flow on small real Fashion-MNIST images.
 
 Real Ray Train workers (2, gloo DDP), a real MLflow SQLite store and registry, a real Prefect flow
-run on the ephemeral server, and a real DVC repo with a local remote.
+run on the ephemeral server, and a real DVC repo with a local remote. The images land in a
+folder, as they would for scheduled retraining, and more arrive between runs.
 """
 
 from __future__ import annotations
@@ -16,13 +17,24 @@ import pytest
 from mlflow.tracking import MlflowClient
 from prefect.artifacts import Artifact
 
+from pipeline.dataset import data_version
+from pipeline.registry import PRODUCTION
+
 pytestmark = pytest.mark.integration
 DVC = str(Path(sys.executable).with_name("dvc"))
 
 
-def test_retrain_flow_records_every_stage(project: Path, ray_cluster: None) -> None:
+def dvc_status() -> dict:
+    out = subprocess.run([DVC, "status", "--json"], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
+def test_retrain_flow_records_every_stage_skips_unchanged_data_and_shards_only_new_images(
+    flow_project: Path, ray_cluster: None, write_fashion_images
+) -> None:
     from flows.retrain import retrain
 
+    project = flow_project
     state = retrain(params_file="params.yaml", return_state=True)
     assert state.is_completed(), state.message
 
@@ -37,10 +49,9 @@ def test_retrain_flow_records_every_stage(project: Path, ray_cluster: None) -> N
     run_info = json.loads((project / "models/encoder/run.json").read_text())
     run = client.get_run(run_info["run_id"])
     assert run.info.status == "FINISHED"
-    assert run.data.tags["data_version"] == run_info["data_version"]
-    losses = client.get_metric_history(run.info.run_id, "loss")
-    assert [m.step for m in losses] == [0, 1]
-    assert len(client.get_metric_history(run.info.run_id, "knn_top1")) == 2
+    assert run.data.tags["data_version"] == run_info["data_version"] == data_version("data/shards")
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [0]
+    assert len(client.get_metric_history(run.info.run_id, "knn_top1")) == 1
 
     # evaluate: metrics.json with the references, the same numbers on the run
     metrics = json.loads((project / "metrics.json").read_text())
@@ -55,8 +66,76 @@ def test_retrain_flow_records_every_stage(project: Path, ray_cluster: None) -> N
     assert ("production" if decision["promoted"] else "challenger") in version.aliases
     assert version.tags["decision_reason"] == decision["reason"]
 
-    # the summary is a Prefect artifact, and DVC sees nothing out of date
+    # the summary is a Prefect artifact; DVC sees nothing out of date and says what made the model
     summary = Artifact.get("retrain-summary")
-    assert summary is not None and run.info.run_id in summary.data
-    status = subprocess.run([DVC, "status", "--json"], capture_output=True, text=True, check=True)
-    assert json.loads(status.stdout) == {}
+    assert summary is not None
+    for needle in (run.info.run_id, run_info["data_version"], decision["reason"]):
+        assert needle in summary.data
+    assert dvc_status() == {}
+    lock = (project / "dvc.lock").read_text()
+    assert "models/encoder" in lock and "data/shards" in lock
+
+    # a second run on unchanged data skips sharding (Prefect cache on the shard inputs) and
+    # is gated against production (the tiny first model may not have passed on its own)
+    client.set_registered_model_alias("moco-encoder", PRODUCTION, decision["version"])
+    state = retrain(params_file="params.yaml", return_state=True)
+    assert state.is_completed(), state.message
+    second = Artifact.get("retrain-summary").data
+    assert "sharding skipped: inputs unchanged" in second
+    assert f"production v{decision['version']}" in second  # compared against production
+    assert dvc_status() == {}
+
+    # new images arrive: only they are sharded, into a new data version that DVC records
+    old_shards = {p.name: p.read_bytes() for p in (project / "data/shards/train").glob("*.tar")}
+    lock_before = (project / "dvc.lock").read_text()
+    write_fashion_images(project / "images", "train", 1024, 64)
+    state = retrain(params_file="params.yaml", return_state=True)
+    assert state.is_completed(), state.message
+    manifest = json.loads((project / "data/shards/train/manifest.json").read_text())
+    assert manifest["samples"] == 1024 + 64
+    assert data_version("data/shards") != run_info["data_version"]
+    for name, data in old_shards.items():
+        assert (project / "data/shards/train" / name).read_bytes() == data
+    assert "train +64 new" in Artifact.get("retrain-summary").data
+    assert (project / "dvc.lock").read_text() != lock_before
+    assert dvc_status() == {}
+
+
+def test_a_failing_stage_fails_the_flow_and_leaves_production_and_data_versions(
+    flow_project: Path, ray_cluster: None, monkeypatch: pytest.MonkeyPatch, write_fashion_images
+) -> None:
+    from flows.retrain import retrain
+
+    assert retrain(params_file="params.yaml", return_state=True).is_completed()
+    tracking = f"sqlite:///{flow_project / 'mlflow.db'}"
+    first = json.loads((flow_project / "promotion.json").read_text())["version"]
+    MlflowClient(tracking).set_registered_model_alias("moco-encoder", PRODUCTION, first)
+    production = MlflowClient(tracking).get_model_version_by_alias("moco-encoder", PRODUCTION)
+    lock_before = (flow_project / "dvc.lock").read_text()
+    write_fashion_images(flow_project / "images", "train", 1024, 64)  # new data, never versioned
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    state = retrain(params_file="params.yaml", return_state=True)
+
+    assert state.is_failed()
+    assert "http://127.0.0.1:9 is unreachable" in str(state.result(raise_on_failure=False))
+    after = MlflowClient(tracking).get_model_version_by_alias("moco-encoder", PRODUCTION)
+    assert after.version == production.version
+    assert (flow_project / "dvc.lock").read_text() == lock_before
+
+
+def test_a_second_flow_run_on_the_same_project_is_refused_while_one_runs(
+    project: Path,
+) -> None:
+    from filelock import FileLock
+
+    from flows.lock import LOCK_FILE
+    from flows.retrain import retrain
+
+    LOCK_FILE.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(LOCK_FILE):  # what a running flow holds
+        state = retrain(params_file="params.yaml", return_state=True)
+    assert state.is_failed()
+    assert "holds this project's lock" in str(state.result(raise_on_failure=False))
+    assert not (project / "data/shards").exists()  # nothing ran

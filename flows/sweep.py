@@ -1,0 +1,57 @@
+"""The `sweep` flow: tune -> pretrain the best config -> evaluate -> promote.
+
+The sweep's outputs live under its own folder (runs/tune/<name>/best), not in the DVC-tracked
+models/encoder, metrics.json and promotion.json: those record what params.yaml produced. To
+make the sweep's config the project's, copy tune/best.yaml into params.yaml and retrain.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact
+
+from flows.lock import project_lock
+from flows.tasks import pretrain_evaluate_promote, tune_task
+from pipeline.config import load_params, with_overrides
+
+
+@flow(name="sweep", log_prints=True)
+def sweep(params_file: str = "params.yaml", resume: bool = False) -> str:
+    """Sweep MoCo's hyperparameters, retrain the best config, and let the gate decide."""
+    params = load_params(params_file)
+    with project_lock():
+        swept = tune_task(params, resume=resume)
+        print(swept.render())
+        out = Path(params.tune.storage_path) / Path(swept.best_params_file).stem
+        best = with_overrides(
+            load_params(swept.best_params_file),
+            {
+                "train.output_dir": str(out / "encoder"),
+                "train.storage_path": str(out / "ray"),
+                "eval.metrics_file": str(out / "metrics.json"),
+                "eval.plots_dir": str(out / "eval_plots"),
+            },
+            keep_space=True,
+        )
+        trained, report, decision = pretrain_evaluate_promote(
+            best, decision_file=str(out / "promotion.json")
+        )
+    summary = "\n".join(
+        [
+            "## moco-pipeline sweep",
+            "",
+            f"- MLflow sweep run: `{swept.parent_run_id}` ({len(swept.trials)} trials)",
+            f"- best config: `{swept.best_params_file}` "
+            + ", ".join(f"{k}={v:.4g}" for k, v in swept.best_values.items()),
+            f"- retrained: run `{trained.run_id}`, {params.registry.primary_metric} "
+            f"{report.metrics[params.registry.primary_metric]:.4f}",
+            f"- model `{decision.model_name}` v{decision.version}: "
+            + ("promoted to `@production`" if decision.promoted else "not promoted")
+            + f" ({decision.reason})",
+        ]
+    )
+    create_markdown_artifact(key="sweep-summary", markdown=summary, description="sweep")
+    print(summary)
+    return summary
