@@ -79,6 +79,12 @@ def main() -> None:
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    parser.add_argument(
+        "--small-stem",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="3x3 stride-1 stem without max-pool (default: on for images <= 64 px)",
+    )
     parser.add_argument("--shards", default=None, help="existing shards dir (else a temp subset)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -104,7 +110,7 @@ def main() -> None:
     model = MoCo.from_backbone(
         args.backbone,
         width=args.width,
-        small_stem=args.image_size <= 64,
+        small_stem=args.image_size <= 64 if args.small_stem is None else args.small_stem,
         in_channels=1,
         mean=[0.286],
         std=[0.353],
