@@ -1,5 +1,5 @@
-"""One flow run at a time per project: a second run fails at once instead of racing the first
-over the same shards, model folder and registry aliases."""
+"""Guards around a flow run: one run at a time per project (a second fails at once instead of
+racing the first over the same shards, model folder and aliases), and undo of its records."""
 
 from __future__ import annotations
 
@@ -33,3 +33,18 @@ def project_lock(path: Path = LOCK_FILE) -> Iterator[None]:
         yield
     finally:
         lock.release()
+
+
+@contextmanager
+def restored_on_failure(path: Path) -> Iterator[None]:
+    """Put `path` back as it was if the block fails (a run's dvc.lock: a failed run must not
+    record data or models it did not finish with)."""
+    before = path.read_bytes() if path.exists() else None
+    try:
+        yield
+    except BaseException:
+        if before is None:
+            path.unlink(missing_ok=True)
+        else:
+            path.write_bytes(before)
+        raise

@@ -2,17 +2,25 @@
 
 Scheduled retraining runs this: only new images are sharded (and an unchanged source skips
 sharding altogether), the encoder is warm-started from `@production` when `train.init_from`
-says so, and the gate decides whether it serves. DVC records the stages only once every stage
-has passed, so a failed run leaves dvc.lock, the DVC remote and `@production` as they were.
+says so, and the gate decides whether it serves. A failed run leaves `@production` and
+dvc.lock as they were (the DVC remote may hold extra, unreferenced blobs).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from flows.lock import project_lock
-from flows.tasks import pretrain_evaluate_promote, push_task, shard_task, version_task
+from flows.lock import project_lock, restored_on_failure
+from flows.tasks import (
+    pretrain_and_evaluate,
+    promote_task,
+    push_task,
+    shard_task,
+    version_task,
+)
 from pipeline.config import Params, load_params
 from pipeline.dataset import data_version
 from pipeline.pretrain import warm_start_or_scratch
@@ -39,14 +47,18 @@ def _shard(params: Params) -> tuple[ShardSummary, bool]:
 def retrain(params_file: str = "params.yaml") -> str:
     """Retrain the encoder on the current data and promote it if it beats production."""
     params = load_params(params_file)
-    with project_lock():
+    with project_lock(), restored_on_failure(Path("dvc.lock")):
         sharded, cached = _shard(params)
         print("shard: skipped, inputs unchanged (cached)" if cached else sharded.render())
         params, init = warm_start_or_scratch(params)
         print(init)
-        trained, report, decision = pretrain_evaluate_promote(params)
-        version_task("shard", "pretrain", "evaluate", "promote")
+        trained, report = pretrain_and_evaluate(params)
+        # everything that can fail runs before promote, the one step that acts outside the
+        # project: a failure until then leaves @production as it was and dvc.lock is restored
+        version_task("shard", "pretrain", "evaluate")
         push_task()
+        decision = promote_task(params, trained.model_uri, report.metrics, report.data_version)
+        version_task("promote")
     summary = retrain_summary(sharded, trained, report, decision, cached=cached, init=init)
     create_markdown_artifact(key="retrain-summary", markdown=summary, description="retrain")
     print(summary)

@@ -1,6 +1,6 @@
 """The `sweep` flow: tune -> pretrain the best config -> evaluate -> promote.
 
-The sweep's outputs live under its own folder (runs/tune/<name>/best), not in the DVC-tracked
+The sweep's outputs live under its own folder (runs/tune/<sweep>/best), not in the DVC-tracked
 models/encoder, metrics.json and promotion.json: those record what params.yaml produced. To
 make the sweep's config the project's, copy tune/best.yaml into params.yaml and retrain.
 """
@@ -13,8 +13,9 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from flows.lock import project_lock
-from flows.tasks import pretrain_evaluate_promote, tune_task
+from flows.tasks import pretrain_and_evaluate, promote_task, tune_task
 from pipeline.config import load_params, with_overrides
+from pipeline.tune import show
 
 
 @flow(name="sweep", log_prints=True)
@@ -24,7 +25,7 @@ def sweep(params_file: str = "params.yaml", resume: bool = False) -> str:
     with project_lock():
         swept = tune_task(params, resume=resume)
         print(swept.render())
-        out = Path(params.tune.storage_path) / Path(swept.best_params_file).stem
+        out = Path(params.tune.storage_path) / swept.name / "best"
         best = with_overrides(
             load_params(swept.best_params_file),
             {
@@ -35,8 +36,13 @@ def sweep(params_file: str = "params.yaml", resume: bool = False) -> str:
             },
             keep_space=True,
         )
-        trained, report, decision = pretrain_evaluate_promote(
-            best, decision_file=str(out / "promotion.json")
+        trained, report = pretrain_and_evaluate(best)
+        decision = promote_task(
+            best,
+            trained.model_uri,
+            report.metrics,
+            report.data_version,
+            decision_file=str(out / "promotion.json"),
         )
     summary = "\n".join(
         [
@@ -44,7 +50,7 @@ def sweep(params_file: str = "params.yaml", resume: bool = False) -> str:
             "",
             f"- MLflow sweep run: `{swept.parent_run_id}` ({len(swept.trials)} trials)",
             f"- best config: `{swept.best_params_file}` "
-            + ", ".join(f"{k}={v:.4g}" for k, v in swept.best_values.items()),
+            + ", ".join(f"{k}={show(v)}" for k, v in swept.best_values.items()),
             f"- retrained: run `{trained.run_id}`, {params.registry.primary_metric} "
             f"{report.metrics[params.registry.primary_metric]:.4f}",
             f"- model `{decision.model_name}` v{decision.version}: "

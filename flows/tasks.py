@@ -1,8 +1,9 @@
 """Prefect tasks: the pipeline's stage functions with retries, timeouts and caching.
 
-Retries go where a second try can succeed (the tracking server, storage, the Ray cluster);
-a diverged or refused run fails at once. Sharding is cached on its inputs (data settings,
-source files, shards on disk), so a run on unchanged data skips it.
+Retries go where a second try can succeed and is safe (the DVC cache and remote, the
+evaluation's reads); a diverged or refused run fails at once, and promotion never repeats.
+Sharding is cached on its inputs (data settings and source files), so a run on unchanged data
+skips it.
 """
 
 from __future__ import annotations
@@ -35,17 +36,13 @@ pretrain_task = task(pretrain.pretrain, name="pretrain", timeout_seconds=12 * 36
 evaluate_task = task(
     evaluate.evaluate, name="evaluate", retries=1, retry_delay_seconds=10, timeout_seconds=3600
 )
-promote_task = task(
-    promote.promote, name="promote", retries=2, retry_delay_seconds=[10, 60], timeout_seconds=900
-)
+# No retries: a promotion that failed after moving an alias must not register a second version
+# and judge it against itself. Re-scoring production can take as long as an evaluation.
+promote_task = task(promote.promote, name="promote", timeout_seconds=3600)
 tune_task = task(tune.sweep, name="tune", timeout_seconds=48 * 3600)
 
 
-def pretrain_evaluate_promote(params: Params, decision_file: str = promote.DECISION_FILE):
-    """The shared tail of both flows: train, measure, and let the gate decide."""
+def pretrain_and_evaluate(params: Params):
+    """The shared middle of both flows: train, then measure next to the references."""
     trained = pretrain_task(params)
-    report = evaluate_task(params, trained.encoder_dir)
-    decision = promote_task(
-        params, trained.model_uri, report.metrics, report.data_version, decision_file=decision_file
-    )
-    return trained, report, decision
+    return trained, evaluate_task(params, trained.encoder_dir)

@@ -70,7 +70,7 @@ class MocoParams(_Section):
 
 
 class TrainParams(_Section):
-    epochs: int = Field(2, ge=1)
+    epochs: int = Field(1, ge=1)
     batch_size: int = Field(128, ge=2)  # per Ray worker
     lr: float = Field(0.06, gt=0.0)  # for a global batch of 256; scaled linearly
     weight_decay: float = Field(5e-4, ge=0.0)
@@ -197,7 +197,7 @@ class TuneParams(_Section):
     """A Ray Tune sweep (pipeline/tune.py): each trial is a Ray Train run of `train` with the
     sampled values, stopped early by ASHA on the per-epoch metric."""
 
-    name: str = "sweep"  # experiment folder under storage_path; --resume continues it
+    name: str = ""  # folder under storage_path ("" = sweep-<date>-<time>); --resume continues it
     num_samples: int = Field(8, ge=1)
     max_concurrent_trials: int = Field(1, ge=1)
     search: Literal["random", "optuna"] = "random"
@@ -218,6 +218,15 @@ class TuneParams(_Section):
         "moco.queue_size": Choice(type="choice", values=[1024, 4096, 16384]),
         "train.lr": Range(type="loguniform", low=0.01, high=0.2),
     }
+
+    @model_validator(mode="after")
+    def _grace_within_epochs(self) -> TuneParams:
+        if self.grace_period > self.epochs:
+            raise ValueError(
+                f"tune.grace_period: {self.grace_period} epochs is more than a trial runs "
+                f"(tune.epochs={self.epochs}); lower it"
+            )
+        return self
 
     @property
     def mode(self) -> Literal["min", "max"]:

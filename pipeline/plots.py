@@ -32,10 +32,16 @@ def plot_parallel_coordinates(
     import numpy as np
 
     axes_keys = [*keys, metric]
-    columns = []
+    columns, labels = [], []
     for key in axes_keys:
-        values = np.array([float(t[key]) for t in trials])
-        if key in log_keys:
+        raw = [t[key] for t in trials]
+        numeric = all(isinstance(v, int | float) for v in raw)
+        categories = sorted(set(map(str, raw)))  # e.g. moco.augmentation: v1 | v2
+        values = np.array([float(v) if numeric else categories.index(str(v)) for v in raw])
+        labels.append(
+            (f"{max(raw):.3g}", f"{min(raw):.3g}") if numeric else (categories[-1], categories[0])
+        )
+        if numeric and key in log_keys:
             values = np.log10(values)
         low, high = values.min(), values.max()
         columns.append((values - low) / (high - low) if high > low else np.full_like(values, 0.5))
@@ -46,11 +52,10 @@ def plot_parallel_coordinates(
     for i, trial in enumerate(trials):
         style = "--" if trial.get("stop_reason") == "early_stopped" else "-"
         ax.plot(xs, [c[i] for c in columns], style, color=colours[i], alpha=0.85, marker="o")
-    for x, key in zip(xs, axes_keys, strict=True):
+    for x, (top, bottom) in zip(xs, labels, strict=True):
         ax.axvline(x, color="grey", lw=0.8)
-        values = [float(t[key]) for t in trials]
-        ax.annotate(f"{max(values):.3g}", (x, 1.02), ha="center", fontsize=8)
-        ax.annotate(f"{min(values):.3g}", (x, -0.08), ha="center", fontsize=8)
+        ax.annotate(top, (x, 1.02), ha="center", fontsize=8)
+        ax.annotate(bottom, (x, -0.08), ha="center", fontsize=8)
     ax.set_xticks(xs, [f"{k}{' (log)' if k in log_keys else ''}" for k in axes_keys], fontsize=8)
     ax.set_yticks([])
     ax.set_ylim(-0.12, 1.08)

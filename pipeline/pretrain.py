@@ -41,6 +41,7 @@ from pipeline.tracking import (
 from pipeline.train_worker import WorkerConfig, train_loop
 
 LATEST_RUN_FILE = "latest-pretrain.json"  # under train.storage_path: what --resume continues
+COUNTERS = ("epoch", "epochs_done")  # in each report, but the MLflow step, not metrics
 
 
 @dataclass
@@ -52,7 +53,7 @@ class PretrainResult:
     data_version: str
 
     def render(self) -> str:
-        shown = ", ".join(f"{k}={v:.4g}" for k, v in self.metrics.items() if k != "epoch")
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in self.metrics.items() if k not in COUNTERS)
         return f"pretrain: run {self.run_id} ({shown})\n  model: {self.model_uri}"
 
 
@@ -65,7 +66,7 @@ class EpochReporter(UserCallback):
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
         row = metrics[0]  # rank 0 holds the kNN monitor
         epoch = int(row["epoch"])
-        values = {k: float(v) for k, v in row.items() if k != "epoch"}
+        values = {k: float(v) for k, v in row.items() if k not in COUNTERS}
         MlflowClient(self.tracking).log_batch(
             self.run_id,
             metrics=[mlflow.entities.Metric(k, v, 0, epoch) for k, v in values.items()],
@@ -116,6 +117,8 @@ def _warm_start_location(location: str, tracking: str) -> str:
         try:
             model_version_of(location, MlflowClient(tracking))
         except MlflowException as error:
+            if not _not_registered(error):
+                raise
             raise ValueError(
                 f"train.init_from: {location} is not in the registry ({error.message}); "
                 "promote a model first or pass an encoder folder"
@@ -130,6 +133,11 @@ def _warm_start_location(location: str, tracking: str) -> str:
     return str(folder)
 
 
+def _not_registered(error: MlflowException) -> bool:
+    """A missing model or alias, as opposed to a store that cannot be reached or read."""
+    return error.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
+
+
 def warm_start_or_scratch(params: Params) -> tuple[Params, str]:
     """For scheduled retraining: warm-start from the configured registry model when it exists,
     else train from scratch (the first run has no production model yet). Returns the params
@@ -139,7 +147,9 @@ def warm_start_or_scratch(params: Params) -> tuple[Params, str]:
         return params, f"init: {location or 'from scratch'}"
     try:
         version = model_version_of(location, MlflowClient(tracking_uri(params)))
-    except MlflowException:
+    except MlflowException as error:
+        if not _not_registered(error):
+            raise
         return with_overrides(params, {"train.init_from": ""}, keep_space=True), (
             f"init: from scratch ({location} does not exist yet)"
         )

@@ -6,6 +6,7 @@ prefect.yaml uses, so the pipeline package never imports the flows package.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 FLOWS_DIR = Path(__file__).resolve().parents[1] / "flows"
@@ -29,17 +30,19 @@ def check_cron(cron: str, timezone: str = "UTC") -> None:
 
 def serve_on_schedule(flow: str, cron: str, params_file: str, timezone: str = "UTC") -> None:
     """Create (or update) the deployment `<flow>-scheduled` and run it on schedule until
-    stopped; at most one run of it at a time (a late run waits for the one before)."""
+    stopped, from the params file's folder (the project); one run of it at a time."""
     from prefect.flows import load_flow_from_entrypoint
     from prefect.schedules import Cron
 
     if flow not in FLOWS:
         raise ValueError(f"--flow {flow!r}: choose one of {', '.join(FLOWS)}")
     check_cron(cron, timezone)
+    params_path = Path(params_file).resolve()
+    os.chdir(params_path.parent)  # runs use the project's relative paths (shards, dvc, lock)
     loaded = load_flow_from_entrypoint(f"{FLOWS_DIR / flow}.py:{flow}")
     loaded.serve(
         name=f"{flow}-scheduled",
         schedules=[Cron(cron, timezone=timezone)],
-        parameters={"params_file": str(Path(params_file).resolve())},
+        parameters={"params_file": str(params_path)},
         global_limit=1,
     )

@@ -185,6 +185,7 @@ def _epoch(
     elapsed = time.perf_counter() - started
     return {
         "epoch": epoch,
+        "epochs_done": epoch + 1,  # Tune's clock: survives a restart, unlike its iteration count
         "loss": loss_sum / cfg.steps_per_epoch,
         "lr": scheduler.get_last_lr()[0],
         "momentum": model.momentum,

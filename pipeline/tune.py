@@ -32,6 +32,9 @@ from pipeline.tracking import git_commit, setup_mlflow, tracking_uri
 LATEST_SWEEP_FILE = "latest-sweep.json"  # under tune.storage_path: what --resume continues
 PARENT_FILE = "mlflow-parent.json"  # in the sweep's folder: its MLflow parent run
 TRIAL_TAG = "tune_trial_id"
+# ASHA's clock is the worker's epoch count: Tune's training_iteration restarts at 1 when a
+# resumed sweep restarts a trial, while the trial's Ray Train run continues from its checkpoint.
+EPOCH_CLOCK = "epochs_done"
 
 
 @dataclass
@@ -47,6 +50,7 @@ class TrialSetup:
 
 @dataclass
 class SweepResult:
+    name: str
     parent_run_id: str
     best_params_file: str
     best_values: dict[str, Any]
@@ -55,13 +59,18 @@ class SweepResult:
 
     def render(self) -> str:
         stopped = sum(t["stop_reason"] == "early_stopped" for t in self.trials)
-        values = ", ".join(f"{k}={v:.4g}" for k, v in self.best_values.items())
+        values = ", ".join(f"{k}={show(v)}" for k, v in self.best_values.items())
         return (
             f"tune: {len(self.trials)} trials ({stopped} stopped early by ASHA), "
             f"MLflow parent run {self.parent_run_id}\n"
             f"  best: {values} -> {self.best_metric:.4f}\n"
             f"  retrain it: mocopipe pretrain --params {self.best_params_file}"
         )
+
+
+def show(value: Any) -> str:
+    """A sampled value for people: numbers to 4 significant digits, anything else as is."""
+    return f"{value:.4g}" if isinstance(value, int | float) else str(value)
 
 
 def search_space(space: dict[str, Choice | Range]) -> dict[str, Any]:
@@ -133,21 +142,25 @@ def _child_run(setup: TrialSetup, trial_id: str, config: dict[str, Any]) -> str:
     return run.info.run_id
 
 
-def _check_fits(tp: TuneParams, resources: dict[str, float]) -> None:
-    """Refuse a trial the cluster can never place (it would wait forever, not fail)."""
+def check_fits(tp: TuneParams, resources: dict[str, float]) -> None:
+    """Refuse a sweep whose concurrent trials the cluster cannot place: a started trial whose
+    workers never get slots fails on the worker-group timeout (or, without one, waits forever)."""
     cpus = tp.trial_cpus + tp.workers_per_trial * tp.cpus_per_worker
-    if resources.get("CPU", 0) < cpus:
-        raise ValueError(
-            f"tune: one trial needs {cpus:g} CPUs (tune.trial_cpus + tune.workers_per_trial x "
-            f"tune.cpus_per_worker) but the Ray cluster has {resources.get('CPU', 0):g}; lower "
-            "them or point RAY_ADDRESS at a bigger cluster"
-        )
     gpus = tp.workers_per_trial * tp.gpus_per_worker
-    if resources.get("GPU", 0) < gpus:
-        raise ValueError(
-            f"tune: one trial needs {gpus} GPUs but the Ray cluster has "
-            f"{resources.get('GPU', 0):g}; set tune.gpus_per_worker=0 or add GPU nodes"
-        )
+    for kind, need, unit in (("CPU", cpus, "CPUs"), ("GPU", gpus, "GPUs")):
+        have = resources.get(kind, 0)
+        if need and have < need:
+            raise ValueError(
+                f"tune: one trial needs {need:g} {unit} (tune.trial_cpus + tune.workers_per_trial"
+                f" x tune.{kind.lower()}s_per_worker) but the Ray cluster has {have:g}; lower "
+                "them or point RAY_ADDRESS at a bigger cluster"
+            )
+        if need and have < need * tp.max_concurrent_trials:
+            raise ValueError(
+                f"tune.max_concurrent_trials={tp.max_concurrent_trials}: trials need "
+                f"{need * tp.max_concurrent_trials:g} {unit} at once but the Ray cluster has "
+                f"{have:g}; lower tune.max_concurrent_trials to {int(have // need)}"
+            )
 
 
 def _experiment(params: Params, storage: Path, resume: bool) -> tuple[str, Path]:
@@ -163,7 +176,7 @@ def _experiment(params: Params, storage: Path, resume: bool) -> tuple[str, Path]
             )
         return name, storage / name
     name = params.tune.name or time.strftime("sweep-%Y%m%d-%H%M%S")
-    if (storage / name).exists():
+    if tune.Tuner.can_restore(str(storage / name)):
         raise ValueError(
             f"{storage / name}: a sweep of that name exists; pass --resume to continue it or "
             "set tune.name to a new name"
@@ -184,7 +197,7 @@ def sweep(params: Params, *, resume: bool = False, address: str | None = None) -
         )
     storage = Path(tp.storage_path).resolve()
     name, folder = _experiment(params, storage, resume)
-    _check_fits(tp, ensure_ray(address))
+    check_fits(tp, ensure_ray(address))
     storage.mkdir(parents=True, exist_ok=True)
     (storage / LATEST_SWEEP_FILE).write_text(json.dumps({"name": name}))
     experiment_id = setup_mlflow(params)
@@ -215,6 +228,7 @@ def sweep(params: Params, *, resume: bool = False, address: str | None = None) -
                     num_samples=tp.num_samples,
                     search_alg=_searcher(tp),
                     scheduler=ASHAScheduler(
+                        time_attr=EPOCH_CLOCK,
                         max_t=tp.epochs,
                         grace_period=tp.grace_period,
                         reduction_factor=tp.reduction_factor,
@@ -234,7 +248,7 @@ def sweep(params: Params, *, resume: bool = False, address: str | None = None) -
 
 def _parent_run(params: Params, experiment_id: str, folder: Path, name: str, resume: bool) -> str:
     """Start (or reopen, on --resume) the sweep's parent run, recording the search space."""
-    record = folder / PARENT_FILE
+    record = folder.with_name(f"{name}.{PARENT_FILE}")  # beside Tune's folder, not inside
     if resume and record.exists():
         return mlflow.start_run(run_id=json.loads(record.read_text())["run_id"]).info.run_id
     run = mlflow.start_run(experiment_id=experiment_id, run_name=name)
@@ -248,16 +262,18 @@ def _parent_run(params: Params, experiment_id: str, folder: Path, name: str, res
             "data_version": data_version(params.data.shards_dir),
         }
     )
-    folder.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps({"run_id": run.info.run_id}))
     return run.info.run_id
+
+
+def _epochs_done(result) -> int:
+    return int((result.metrics or {}).get(EPOCH_CLOCK, 0))
 
 
 def _stop_reason(result, epochs: int) -> str:
     if result.error is not None:
         return "failed"
-    done = (result.metrics or {}).get("training_iteration", 0)
-    return "completed" if done >= epochs else "early_stopped"
+    return "completed" if _epochs_done(result) >= epochs else "early_stopped"
 
 
 def _record_trials(grid, setup: TrialSetup, tp: TuneParams) -> list[dict[str, Any]]:
@@ -275,11 +291,12 @@ def _record_trials(grid, setup: TrialSetup, tp: TuneParams) -> list[dict[str, An
         metrics = result.metrics or {}
         trial_id = metrics.get("trial_id") or Path(result.path).name
         reason = _stop_reason(result, tp.epochs)
-        row = {"trial_id": trial_id, **{k: result.config.get(k) for k in tp.space}}
+        config = result.config or {}  # None for a trial that died before its first report
+        row = {"trial_id": trial_id, **{k: config.get(k) for k in tp.space}}
         row |= {
             tp.metric: metrics.get(tp.metric),
             "loss": metrics.get("loss"),
-            "epochs": metrics.get("training_iteration", 0),
+            "epochs": _epochs_done(result),
             "stop_reason": reason,
             "run_id": children.get(trial_id, ""),
         }
@@ -322,6 +339,7 @@ def _record_best(params: Params, trials: list[dict[str, Any]], folder: Path) -> 
     mlflow.log_metric(f"best_{tp.metric}", best[tp.metric])
     mlflow.set_tags({"best_trial": best["trial_id"], "best_run_id": best["run_id"]})
     return SweepResult(
+        name=folder.name,
         parent_run_id=mlflow.active_run().info.run_id,
         best_params_file=tp.best_params_file,
         best_values=values,

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline.config import load_params
+from pipeline.config import dump_params, load_params
 from pipeline.pretrain import plan
 from pipeline.shard import shard
 from pipeline.tune import sweep
@@ -93,3 +94,34 @@ def test_a_sweep_that_cannot_fit_the_cluster_is_refused_before_any_trial(
     with pytest.raises(ValueError, match=r"one trial needs 2.1 CPUs"):
         sweep(params)
     assert not Path("runs/tune/tiny").exists()
+
+
+def test_sweep_flow_retrains_the_best_config_outside_the_dvc_outputs(
+    project: Path, ray_cluster: None
+) -> None:
+    from flows.sweep import sweep as sweep_flow
+
+    overrides = [
+        "tune.name=flow",
+        "tune.num_samples=2",
+        "tune.epochs=1",
+        "tune.space.moco.queue_size={type: choice, values: [256, 512]}",
+    ]
+    params = load_params("params.yaml", overrides)
+    dump_params(params, "sweep.yaml")  # the flow takes a params file
+    shard(params)
+
+    state = sweep_flow(params_file="sweep.yaml", return_state=True)
+
+    assert state.is_completed(), state.message
+    best = Path("runs/tune/flow/best")
+    decision = json.loads((best / "promotion.json").read_text())
+    run_id = json.loads((best / "encoder/run.json").read_text())["run_id"]
+    client = MlflowClient()
+    version = client.get_model_version("moco-encoder", decision["version"])
+    assert version.run_id == run_id
+    run = client.get_run(run_id)
+    best_values = load_params(params.tune.best_params_file).moco.queue_size
+    assert int(run.data.params["moco.queue_size"]) == best_values
+    assert "eval_knn_top1" in run.data.metrics
+    assert not Path("models/encoder").exists() and not Path("metrics.json").exists()

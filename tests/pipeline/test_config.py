@@ -112,3 +112,8 @@ def test_with_overrides_sets_dotted_keys_and_validates() -> None:
     assert with_overrides(Params(), {}, keep_space=True).tune.space == Params().tune.space
     with pytest.raises(ConfigError, match="greater than 0"):
         with_overrides(Params(), {"moco.temperature": 0.0})
+
+
+def test_asha_grace_longer_than_a_trial_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"grace_period: 3 epochs is more than a trial"):
+        load_params(None, ["tune.epochs=2", "tune.grace_period=3"])

@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.config import Choice, Range
+from pipeline.config import Choice, Range, TuneParams
 from pipeline.plots import plot_parallel_coordinates
-from pipeline.tune import search_space
+from pipeline.tune import check_fits, search_space
 
 
 def draws(distribution, n: int = 4000) -> np.ndarray:
@@ -56,3 +56,17 @@ def test_parallel_coordinates_draws_one_line_per_trial() -> None:
     assert [line.get_linestyle() for line in lines] == ["-", "--", "-"]
     # the best trial sits at the top of the metric axis, the worst at the bottom
     assert lines[0].get_ydata()[-1] == 1.0 and lines[1].get_ydata()[-1] == 0.0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "cluster", "needle"),
+    [
+        ({"cpus_per_worker": 1.0}, {"CPU": 2}, "one trial needs 2.1 CPUs"),
+        ({"max_concurrent_trials": 2}, {"CPU": 2}, "lower tune.max_concurrent_trials to 1"),
+        ({"gpus_per_worker": 1}, {"CPU": 8, "GPU": 1}, "one trial needs 2 GPUs"),
+    ],
+)
+def test_a_sweep_the_cluster_cannot_place_is_refused(overrides, cluster, needle) -> None:
+    with pytest.raises(ValueError, match=needle):
+        check_fits(TuneParams(**overrides), cluster)
+    check_fits(TuneParams(), {"CPU": 2})  # the default fits this 2-CPU machine
