@@ -39,6 +39,16 @@ from pipeline.tracking import git_commit, setup_mlflow, tracking_uri
 
 DECISION_FILE = "promotion.json"
 REPLACED_TAG = "replaced_version"  # on a promoted version: the production it replaced
+METADATA_TAGS = {  # version tags that are not metrics (hashes may look like numbers)
+    "data_version",
+    "git_commit",
+    "config_hash",
+    "eval_protocol",
+    "decision",
+    "decision_reason",
+    "decided_at",
+    REPLACED_TAG,
+}
 EPSILON = 1e-9  # float slack so "improves by exactly min_gain" passes
 NOT_SCORING = {  # eval keys that never change a metric's value
     "batch_size",
@@ -112,12 +122,25 @@ def _needed(params: Params) -> list[str]:
 
 
 def _recorded(params: Params, production: ModelVersion, data_version: str) -> dict[str, float]:
-    """Production's tagged metrics if measured on this data with this protocol, else {}."""
+    """Production's tagged metrics (all of them, for the summary) if measured on this data with
+    this protocol and holding every metric the gate needs, else {}."""
     tags, needed = production.tags, _needed(params)
     measured_on = (tags.get("data_version"), tags.get("eval_protocol"))
     if measured_on != (data_version, eval_protocol(params)) or any(k not in tags for k in needed):
         return {}
-    return {key: float(tags[key]) for key in needed}
+    return {
+        key: float(value)
+        for key, value in tags.items()
+        if key not in METADATA_TAGS and _is_number(value)
+    }
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _baseline(

@@ -83,6 +83,8 @@ def test_retrain_flow_records_every_stage_skips_unchanged_data_and_shards_only_n
     second = Artifact.get("retrain-summary").data
     assert "sharding skipped: inputs unchanged" in second
     assert f"production v{decision['version']}" in second  # compared against production
+    (knn20,) = [row for row in second.splitlines() if row.startswith("| knn20_top1 |")]
+    assert knn20.split("|")[3].strip() == f"{metrics['knn20_top1']:.4f}"  # production's value
     assert dvc_status() == {}
 
     # new images arrive: only they are sharded, into a new data version that DVC records
