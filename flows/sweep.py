@@ -15,7 +15,7 @@ from prefect.artifacts import create_markdown_artifact
 from flows.lock import project_lock
 from flows.tasks import pretrain_and_evaluate, promote_task, tune_task
 from pipeline.config import load_params, with_overrides
-from pipeline.tune import show
+from pipeline.summary import sweep_summary
 
 
 @flow(name="sweep", log_prints=True)
@@ -44,20 +44,7 @@ def sweep(params_file: str = "params.yaml", resume: bool = False) -> str:
             report.data_version,
             decision_file=str(out / "promotion.json"),
         )
-    summary = "\n".join(
-        [
-            "## moco-pipeline sweep",
-            "",
-            f"- MLflow sweep run: `{swept.parent_run_id}` ({len(swept.trials)} trials)",
-            f"- best config: `{swept.best_params_file}` "
-            + ", ".join(f"{k}={show(v)}" for k, v in swept.best_values.items()),
-            f"- retrained: run `{trained.run_id}`, {params.registry.primary_metric} "
-            f"{report.metrics[params.registry.primary_metric]:.4f}",
-            f"- model `{decision.model_name}` v{decision.version}: "
-            + ("promoted to `@production`" if decision.promoted else "not promoted")
-            + f" ({decision.reason})",
-        ]
-    )
+    summary = sweep_summary(swept, trained, report, decision)
     create_markdown_artifact(key="sweep-summary", markdown=summary, description="sweep")
     print(summary)
     return summary

@@ -32,6 +32,7 @@ from pipeline.errors import StageError
 from pipeline.plots import plot_training_curves
 from pipeline.ray_cluster import check_resources, ensure_ray
 from pipeline.tracking import (
+    end_run_failed,
     git_commit,
     log_encoder,
     model_version_of,
@@ -114,15 +115,11 @@ def _warm_start_location(location: str, tracking: str) -> str:
     if not location or location.startswith("runs:/"):
         return location
     if location.startswith("models:/"):
-        try:
-            model_version_of(location, MlflowClient(tracking))
-        except MlflowException as error:
-            if not _not_registered(error):
-                raise
+        if _registered_version(location, tracking) is None:
             raise ValueError(
-                f"train.init_from: {location} is not in the registry ({error.message}); "
-                "promote a model first or pass an encoder folder"
-            ) from None
+                f"train.init_from: {location} is not in the registry; promote a model first "
+                "or pass an encoder folder"
+            )
         return location
     folder = Path(location).resolve()
     if not (folder / WEIGHTS_FILE).exists():
@@ -133,9 +130,15 @@ def _warm_start_location(location: str, tracking: str) -> str:
     return str(folder)
 
 
-def _not_registered(error: MlflowException) -> bool:
-    """A missing model or alias, as opposed to a store that cannot be reached or read."""
-    return error.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
+def _registered_version(location: str, tracking: str):
+    """The registry version behind models:/..., or None when the model or alias does not
+    exist; a store that cannot be reached or read still raises."""
+    try:
+        return model_version_of(location, MlflowClient(tracking))
+    except MlflowException as error:
+        if error.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
 
 
 def warm_start_or_scratch(params: Params) -> tuple[Params, str]:
@@ -145,11 +148,8 @@ def warm_start_or_scratch(params: Params) -> tuple[Params, str]:
     location = params.train.init_from
     if not location.startswith("models:/"):
         return params, f"init: {location or 'from scratch'}"
-    try:
-        version = model_version_of(location, MlflowClient(tracking_uri(params)))
-    except MlflowException as error:
-        if not _not_registered(error):
-            raise
+    version = _registered_version(location, tracking_uri(params))
+    if version is None:
         return with_overrides(params, {"train.init_from": ""}, keep_space=True), (
             f"init: from scratch ({location} does not exist yet)"
         )
@@ -217,8 +217,7 @@ def pretrain(
         final_metrics = MlflowClient().get_run(run_id).data.metrics
         mlflow.log_figure(plot_training_curves(run_id), "training_curves.png")
     except BaseException as error:
-        mlflow.set_tag("failure", f"{type(error).__name__}: {error}"[:5000])
-        mlflow.end_run(status="FAILED")
+        end_run_failed(error)
         raise
     mlflow.end_run()
     return PretrainResult(run_id, model_uri, str(encoder_dir), final_metrics, version)

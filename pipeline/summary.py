@@ -1,4 +1,5 @@
-"""The end-of-run summary: what a person reads after a retrain (also a Prefect artifact)."""
+"""The end-of-run summaries: what a person reads after a retrain or a sweep (also Prefect
+artifacts)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from pipeline.evaluate import REFERENCES, EvalReport
 from pipeline.pretrain import PretrainResult
 from pipeline.promote import Decision
 from pipeline.shard import ShardSummary
+from pipeline.tune import SweepResult, show
 
 
 def _cell(value: float | None) -> str:
@@ -54,5 +56,24 @@ def retrain_summary(
             "",
             "Look further: `mlflow ui --backend-store-uri sqlite:///mlflow.db` · "
             "`dvc metrics show` · `prefect server start`",
+        ]
+    )
+
+
+def sweep_summary(
+    swept: SweepResult, trained: PretrainResult, report: EvalReport, decision: Decision
+) -> str:
+    """Markdown: the sweep's MLflow run, the best config, its retrained score, the decision."""
+    metric = decision.metric
+    verdict = "promoted to `@production`" if decision.promoted else "not promoted"
+    return "\n".join(
+        [
+            "## moco-pipeline sweep",
+            "",
+            f"- MLflow sweep run: `{swept.parent_run_id}` ({len(swept.trials)} trials)",
+            f"- best config: `{swept.best_params_file}` "
+            + ", ".join(f"{k}={show(v)}" for k, v in swept.best_values.items()),
+            f"- retrained: run `{trained.run_id}`, {metric} {report.metrics[metric]:.4f}",
+            f"- model `{decision.model_name}` v{decision.version}: {verdict} ({decision.reason})",
         ]
     )

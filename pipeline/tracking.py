@@ -55,6 +55,12 @@ def setup_mlflow(params: Params) -> str:
     return mlflow.create_experiment(name, artifact_location=location)
 
 
+def end_run_failed(error: BaseException) -> None:
+    """End the active run as FAILED with the reason as a tag (a failed run is never a model)."""
+    mlflow.set_tag("failure", f"{type(error).__name__}: {error}"[:5000])
+    mlflow.end_run(status="FAILED")
+
+
 def git_commit() -> str:
     try:
         out = subprocess.run(

@@ -27,7 +27,7 @@ from pipeline.errors import StageError
 from pipeline.plots import plot_parallel_coordinates
 from pipeline.pretrain import EpochReporter, build_trainer, fit, plan
 from pipeline.ray_cluster import ensure_ray
-from pipeline.tracking import git_commit, setup_mlflow, tracking_uri
+from pipeline.tracking import end_run_failed, git_commit, setup_mlflow, tracking_uri
 
 LATEST_SWEEP_FILE = "latest-sweep.json"  # under tune.storage_path: what --resume continues
 PARENT_FILE = "mlflow-parent.json"  # in the sweep's folder: its MLflow parent run
@@ -239,8 +239,7 @@ def sweep(params: Params, *, resume: bool = False, address: str | None = None) -
         trials = _record_trials(tuner.fit(), setup, tp)
         result = _record_best(params, trials, folder)
     except BaseException as error:
-        mlflow.set_tag("failure", f"{type(error).__name__}: {error}"[:5000])
-        mlflow.end_run(status="FAILED")
+        end_run_failed(error)
         raise
     mlflow.end_run()
     return result
