@@ -77,7 +77,9 @@ class TrainParams(_Section):
     sgd_momentum: float = Field(0.9, ge=0.0, lt=1.0)
     schedule: Literal["cosine", "step"] = "cosine"
     warmup_epochs: float = Field(0.0, ge=0.0)
-    precision: Literal["fp32", "bf16"] = "fp32"
+    # auto: bf16 where the worker's CUDA device or CPU has it and a short probe of this model
+    # finds it faster, else fp32 (pipeline/precision.py); fp32 | bf16 force it
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     channels_last: bool = True
     compile: bool = False
     num_workers: int = Field(2, ge=1)  # Ray Train workers (DDP ranks)

@@ -29,6 +29,7 @@ from pipeline.config import Params
 from pipeline.dataset import eval_loader, training_loader
 from pipeline.encoder import EncoderSpec, load_encoder, save_encoder
 from pipeline.errors import DivergedError
+from pipeline.precision import ModelShape, resolve_precision
 
 STATE_FILE = "state.pt"
 QUEUE_FILE = "queue-rank{rank}.pt"  # each rank's queue, to check they stayed identical
@@ -204,6 +205,10 @@ def train_loop(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(t.cpus_per_worker)))
+    # auto -> bf16 | fp32 for this worker (may probe: before the seed, so weights do not change)
+    precision = resolve_precision(t.precision, ModelShape.from_params(params, world), device)
+    print(f"[pretrain] rank {rank}: {precision.precision} ({precision.reason})", flush=True)
+    t.precision = precision.precision  # what _autocast reads from here on
     torch.manual_seed(t.seed)  # identical initial weights on every rank
 
     model = build_model(params, world).to(device)
@@ -247,6 +252,7 @@ def train_loop(config: dict[str, Any]) -> None:
         metrics = _epoch(
             model, batches, two_crops, optimizer, scheduler, params, cfg, epoch, device
         )
+        metrics["precision_bf16"] = float(t.precision == "bf16")  # the run's record of auto
         save = epoch == t.epochs - 1 or (epoch + 1) % t.checkpoint_every == 0
         with tempfile.TemporaryDirectory() as tmp:
             if rank == 0:

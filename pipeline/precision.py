@@ -1,0 +1,222 @@
+"""`train.precision: auto`: bf16 or fp32 autocast per worker, chosen by hardware and measurement.
+
+Why measure: on a CPU with native bf16 (AVX-512 BF16, AMX) bf16 autocast trains this project's
+networks 1.6-2x faster than fp32, while where oneDNN has no bf16 kernels every convolution falls
+back to aten's im2col `_slow_conv2d` and bf16 is about 10x slower (bench/RESULTS.md). Machines
+sold as the same kind differ, so on a CPU `auto` checks the flag and then times a few training
+steps of the run's own model in both precisions, and picks bf16 only when it is clearly faster.
+The answer is cached per machine, torch version, thread count and model shape, so later runs
+(and the other workers of a run) pay the ~2 s probe once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from moco import MoCo
+from pipeline.config import Params
+
+Precision = Literal["fp32", "bf16"]
+CACHE_ENV = "MOCO_PRECISION_CACHE"  # a JSON file path; overrides the default below
+DEFAULT_CACHE = Path.home() / ".cache" / "moco-pipeline" / "precision.json"
+MIN_SPEEDUP = 1.1  # bf16 must beat fp32 by this much: below it, timing noise could decide
+PROBE_BATCH_CAP = 64  # images per probe step: keeps a slow bf16 path to about a second a step
+PROBE_BUDGET_S = 1.5  # measured time (warm-up excluded) after the minimum steps per precision
+PROBE_MIN_STEPS = 2  # measured steps per precision, whatever the budget
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")  # x86 AVX-512/AMX, aarch64 BF16
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What sets a training step's speed: the cache key's model half, and the probe's model."""
+
+    backbone: str
+    width: int
+    small_stem: bool
+    in_channels: int
+    image_size: int
+    batch_size: int  # per worker
+    bn_splits: int
+    channels_last: bool
+
+    @classmethod
+    def from_params(cls, params: Params, world_size: int = 1) -> ModelShape:
+        """The shape one worker of a `world_size` run trains (the workers' own BN choice)."""
+        m, t = params.model, params.train
+        return cls(
+            backbone=m.backbone,
+            width=m.width,
+            small_stem=m.small_stem,
+            in_channels=m.in_channels,
+            image_size=m.image_size,
+            batch_size=t.batch_size,
+            bn_splits=params.moco.bn_splits if world_size == 1 else 1,
+            channels_last=t.channels_last,
+        )
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """The precision a run trains in, and why (for the run's record and the bench JSON)."""
+
+    precision: Precision
+    reason: str
+    speedup: float | None = None  # bf16 over fp32 step rate in the probe, when one ran
+    cached: bool = False
+
+
+# shape -> (fp32 seconds per step, bf16 seconds per step): the probe, or a test's own timings.
+Measure = Callable[[ModelShape], tuple[float, float]]
+
+
+def resolve_precision(
+    requested: str,
+    shape: ModelShape,
+    device: torch.device,
+    *,
+    measure: Measure | None = None,
+    cache_path: Path | None = None,
+) -> Resolution:
+    """`fp32` and `bf16` are returned as forced; `auto` is decided for this device (see module)."""
+    if requested in ("fp32", "bf16"):
+        return Resolution(requested, f"train.precision: {requested} (forced)")
+    if requested != "auto":
+        raise ValueError(f"train.precision: expected auto, fp32 or bf16, got {requested!r}")
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return Resolution("bf16", f"auto: {torch.cuda.get_device_name(device)} supports bf16")
+        return Resolution("fp32", f"auto: {torch.cuda.get_device_name(device)} has no bf16")
+    if device.type != "cpu":
+        return Resolution("fp32", f"auto: no bf16 probe for {device.type} devices")
+    flags = cpu_flags()
+    native = sorted(set(NATIVE_BF16_FLAGS) & flags)
+    if not native:
+        return Resolution("fp32", "auto: the CPU has no native bf16 (avx512_bf16/amx_bf16)")
+    threads = torch.get_num_threads()
+    key = _cache_key(shape, threads, native)
+    path = cache_path or Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE)
+    cache = _read_cache(path)
+    if (hit := _cached(cache.get(key))) is not None:
+        return hit
+    fp32_s, bf16_s = (measure or probe_step_seconds)(shape)
+    speedup = fp32_s / bf16_s
+    precision: Precision = "bf16" if speedup >= MIN_SPEEDUP else "fp32"
+    resolution = Resolution(
+        precision,
+        f"auto: CPU has {'+'.join(native)}; probe at batch {min(shape.batch_size, PROBE_BATCH_CAP)}"
+        f", {threads} thread(s): bf16 {speedup:.2f}x fp32 (needs >= {MIN_SPEEDUP}x)",
+        round(speedup, 3),
+    )
+    _write_cache(path, cache | {key: asdict(resolution)})
+    return resolution
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (x86 `flags`, aarch64 `Features`); empty
+    where there is no such file (then `auto` stays fp32)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        name, _, value = line.partition(":")
+        if name.strip() in ("flags", "Features"):
+            return set(value.split())
+    return set()
+
+
+def cpu_model() -> str:
+    """The CPU's model name, for the cache key (`platform.processor()` where /proc has none)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            name, _, value = line.partition(":")
+            if name.strip() == "model name":
+                return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def probe_step_seconds(shape: ModelShape) -> tuple[float, float]:
+    """Median seconds of one MoCo training step (key forward, query forward, InfoNCE, backward)
+    in fp32 and in bf16 autocast, interleaved so load from other processes hits both alike.
+
+    The probe builds its own model from `shape` (the run's model is left untouched) and calls no
+    collective, so workers of one run may each probe on their own. One warm-up step per precision
+    (oneDNN creates its kernels there) is not timed."""
+    batch = min(shape.batch_size, PROBE_BATCH_CAP)
+    model = MoCo.from_backbone(
+        shape.backbone,
+        width=shape.width,
+        small_stem=shape.small_stem,
+        in_channels=shape.in_channels,
+        queue_size=batch,
+        bn_splits=shape.bn_splits if batch % shape.bn_splits == 0 else 1,
+    )
+    images = torch.rand(batch, shape.in_channels, shape.image_size, shape.image_size)
+    if shape.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for bf16 in (False, True):
+        _probe_step(model, images, bf16)
+    started = time.perf_counter()
+    while (
+        min(len(t) for t in times.values()) < PROBE_MIN_STEPS
+        or time.perf_counter() - started < PROBE_BUDGET_S
+    ):
+        for bf16 in (False, True):
+            step_started = time.perf_counter()
+            _probe_step(model, images, bf16)
+            times[bf16].append(time.perf_counter() - step_started)
+    return statistics.median(times[False]), statistics.median(times[True])
+
+
+def _probe_step(model: MoCo, images: torch.Tensor, bf16: bool) -> None:
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.no_grad():
+            keys = F.normalize(model.encoder_k(images).float(), dim=1)
+        loss, _ = model.contrast(F.normalize(model.encoder_q(images), dim=1), keys)
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+
+
+def _cache_key(shape: ModelShape, threads: int, native: list[str]) -> str:
+    machine = [platform.node(), cpu_model(), "+".join(native), f"torch {torch.__version__}"]
+    return json.dumps({"machine": machine, "threads": threads, "shape": asdict(shape)})
+
+
+def _cached(entry: object) -> Resolution | None:
+    """A cache entry as a Resolution; None for a miss or an entry of another shape."""
+    try:
+        return Resolution(**entry | {"cached": True})  # type: ignore[operator]
+    except TypeError:
+        return None
+
+
+def _read_cache(path: Path) -> dict[str, dict]:
+    """The cached decisions; an unreadable file counts as empty (it is only a cache)."""
+    try:
+        cache = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return cache if isinstance(cache, dict) else {}
+
+
+def _write_cache(path: Path, cache: dict[str, dict]) -> None:
+    """Through a temp file and a rename: workers probing side by side never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(cache, indent=1, sort_keys=True))
+    tmp.replace(path)

@@ -1,0 +1,152 @@
+"""train.precision: forced values pass through, `auto` is decided by capability and a timed
+probe (timings injected here), cached per model shape, and never picks the slower precision."""
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline import precision as precision_module
+from pipeline.config import ConfigError, load_params
+from pipeline.precision import ModelShape, Resolution, probe_step_seconds, resolve_precision
+
+CPU = torch.device("cpu")
+SHAPE = ModelShape(
+    backbone="resnet18",
+    width=4,
+    small_stem=True,
+    in_channels=1,
+    image_size=8,
+    batch_size=4,
+    bn_splits=2,
+    channels_last=True,
+)
+
+
+class Timings:
+    """A probe that answers fixed (fp32, bf16) seconds per step and counts its calls."""
+
+    def __init__(self, fp32_s: float, bf16_s: float) -> None:
+        self.answer, self.calls = (fp32_s, bf16_s), []
+
+    def __call__(self, shape: ModelShape) -> tuple[float, float]:
+        self.calls.append(shape)
+        return self.answer
+
+
+@pytest.fixture
+def native_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This CPU reports native bf16, whatever machine the tests run on."""
+    monkeypatch.setattr(precision_module, "cpu_flags", lambda: {"avx2", "avx512_bf16"})
+
+
+def auto(tmp_path: Path, timings: Timings, shape: ModelShape = SHAPE) -> Resolution:
+    return resolve_precision(
+        "auto", shape, CPU, measure=timings, cache_path=tmp_path / "precision.json"
+    )
+
+
+@pytest.mark.parametrize("forced", ["fp32", "bf16"])
+def test_forced_precision_is_kept_without_a_probe(tmp_path: Path, forced: str) -> None:
+    timings = Timings(1.0, 0.1)
+    resolution = resolve_precision(
+        forced, SHAPE, CPU, measure=timings, cache_path=tmp_path / "c.json"
+    )
+    assert resolution.precision == forced
+    assert "forced" in resolution.reason
+    assert timings.calls == [] and not (tmp_path / "c.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("fp32_s", "bf16_s", "chosen"),
+    [
+        (1.0, 0.5, "bf16"),  # 2x faster
+        (1.0, 2.0, "fp32"),  # bf16 slower: never chosen
+        (1.0, 0.95, "fp32"),  # 1.05x: within noise, not worth the lower precision
+        (1.0, 1.0 / precision_module.MIN_SPEEDUP, "bf16"),  # exactly the threshold
+    ],
+)
+def test_auto_picks_bf16_only_when_measurably_faster(
+    tmp_path: Path, native_bf16: None, fp32_s: float, bf16_s: float, chosen: str
+) -> None:
+    resolution = auto(tmp_path, Timings(fp32_s, bf16_s))
+    assert resolution.precision == chosen
+    assert resolution.speedup == pytest.approx(fp32_s / bf16_s, abs=1e-3)
+    assert f"{fp32_s / bf16_s:.2f}x" in resolution.reason
+
+
+def test_auto_without_native_bf16_is_fp32_without_a_probe(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(precision_module, "cpu_flags", lambda: {"avx2", "avx512f"})
+    timings = Timings(1.0, 0.1)
+    resolution = auto(tmp_path, timings)
+    assert resolution.precision == "fp32"
+    assert "no native bf16" in resolution.reason
+    assert timings.calls == []
+
+
+def test_auto_is_cached_per_model_shape(tmp_path: Path, native_bf16: None) -> None:
+    timings = Timings(1.0, 0.5)
+    first = auto(tmp_path, timings)
+    again = auto(tmp_path, timings)
+    assert (first.cached, again.cached) == (False, True)
+    assert again.precision == first.precision and again.reason == first.reason
+    assert timings.calls == [SHAPE]  # the hit did not probe
+
+    wider = replace(SHAPE, width=8)
+    slower = Timings(1.0, 3.0)
+    assert auto(tmp_path, slower, wider).precision == "fp32"  # another shape: a miss
+    assert slower.calls == [wider]
+    assert auto(tmp_path, Timings(1.0, 3.0)).precision == "bf16"  # the first entry is kept
+
+
+def test_auto_cache_depends_on_thread_count(tmp_path: Path, native_bf16: None) -> None:
+    threads = torch.get_num_threads()
+    timings = Timings(1.0, 0.5)
+    auto(tmp_path, timings)
+    try:
+        torch.set_num_threads(threads + 1)
+        auto(tmp_path, timings)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(timings.calls) == 2
+
+
+def test_an_unreadable_cache_is_a_miss_and_rewritten(tmp_path: Path, native_bf16: None) -> None:
+    (tmp_path / "precision.json").write_text("{not json")
+    timings = Timings(1.0, 0.5)
+    assert auto(tmp_path, timings).precision == "bf16"
+    assert auto(tmp_path, timings).cached
+    assert len(timings.calls) == 1
+
+
+def test_the_cache_path_comes_from_the_environment(
+    tmp_path: Path, native_bf16: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(precision_module.CACHE_ENV, str(tmp_path / "elsewhere.json"))
+    resolve_precision("auto", SHAPE, CPU, measure=Timings(1.0, 0.5))
+    assert (tmp_path / "elsewhere.json").exists()
+
+
+def test_the_probe_times_both_precisions_of_the_real_model(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(precision_module, "PROBE_BUDGET_S", 0.0)  # the minimum steps only
+    fp32_s, bf16_s = probe_step_seconds(SHAPE)
+    assert fp32_s > 0 and bf16_s > 0
+
+
+def test_the_worker_shape_follows_the_params() -> None:
+    params = load_params(None, ["train.batch_size=64", "model.width=8"])
+    one, two = ModelShape.from_params(params, 1), ModelShape.from_params(params, 2)
+    assert (one.batch_size, one.width, one.bn_splits) == (64, 8, params.moco.bn_splits)
+    assert two.bn_splits == 1  # real shuffle BN across ranks: plain BN per worker
+
+
+def test_config_defaults_to_auto_and_refuses_other_precisions() -> None:
+    assert load_params(None).train.precision == "auto"
+    assert load_params(None, ["train.precision=fp32"]).train.precision == "fp32"
+    with pytest.raises(ConfigError, match=r"train\.precision"):
+        load_params(None, ["train.precision=fp16"])
