@@ -36,6 +36,9 @@ class DataParams(_Section):
     max_pixels: int = Field(89_478_485, ge=1)  # decompression-bomb guard (PIL's default)
     min_shards: int = Field(8, ge=1)  # per split, so 2 ranks x 2 loader workers all get shards
     image_mode: Literal["auto", "L", "RGB"] = "auto"  # auto: grayscale sets stay 1-channel
+    # A folder source is unlabelled unless asked: folder names are dates and cameras, not classes.
+    labels: Literal["none", "folders"] = "none"  # folders = one class per first-level folder
+    holdout_percent: float = Field(5.0, ge=0.0, lt=100.0)  # of a folder source, never trained on
 
 
 class ModelParams(_Section):
@@ -105,6 +108,19 @@ class EvalParams(_Section):
     expensive protocols (supervised baselines, attacks, corruptions, t-SNE) run on fixed subsets.
     Empty lists and 0 turn a protocol off."""
 
+    # The labelled set the labelled protocols run on, kept apart from the training stream:
+    # "" = the source's own labelled train/test splits; fashion-mnist | digits | a folder with
+    # train/ and test/ class folders. Sharded once into benchmark_dir and versioned there.
+    benchmark: str = ""
+    benchmark_dir: str = "data/benchmark"
+    benchmark_train_limit: int = Field(0, ge=0)  # 0 = every image (built-in benchmarks)
+    benchmark_test_limit: int = Field(0, ge=0)
+    # Label-free metrics (RankMe, alignment, uniformity, agreement with production) on the first
+    # N images of the held-out split (a folder's `holdout`, else `test`); 0 = off.
+    label_free_samples: int = Field(2000, ge=0)
+    agreement_k: int = Field(10, ge=1)  # neighbours compared with production's
+    drift_samples: int = Field(500, ge=0)  # per side: data production saw vs new (0 = off)
+    drift_permutations: int = Field(200, ge=1)  # for the MMD p-value
     knn_k: int = Field(200, ge=1)
     knn_t: float = Field(0.1, gt=0.0)
     knn_extra_k: list[Annotated[int, Field(ge=1)]] = [20]  # also reported as knn<k>_top1
@@ -156,6 +172,8 @@ class TrackingParams(_Section):
 
 class RegistryParams(_Section):
     model_name: str = "moco-encoder"
+    # Any encoder metric of the evaluate stage; label-free ones (rankme, alignment, uniformity)
+    # gate a team with no labels. Lower-is-better metrics are judged so (keys.lower_is_better).
     primary_metric: str = "knn_top1"
     min_gain: float = Field(0.0, ge=0.0)
     # metric -> largest drop vs production that still passes, e.g. {linear_top1: 0.01}

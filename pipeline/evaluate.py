@@ -14,30 +14,44 @@ from __future__ import annotations
 
 import json
 import os
-import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import torch
-from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 from rich.progress import Progress
 from torch import Tensor, nn
+from torchvision.transforms.v2 import functional as TF
 
+from moco.augment import BatchMoCoAugment
+from pipeline.benchmark import benchmark, shard_reference
 from pipeline.config import Params
 from pipeline.dataset import data_version
 from pipeline.encoder import EncoderSpec, load_encoder
 from pipeline.evaluation import keys
+from pipeline.evaluation.data import (
+    Slice,
+    drift_sides,
+    heldout_slice,
+    labelled_dir,
+    require_evaluable,
+    versions,
+)
+from pipeline.evaluation.drift import mmd_drift
 from pipeline.evaluation.features import (
     LabelledSplit,
     cached,
     extract,
     feature_net,
+    load_images,
     load_split,
     model_fingerprint,
 )
 from pipeline.evaluation.fewshot import fewshot_accuracy
 from pipeline.evaluation.knn import knn_top1
+from pipeline.evaluation.label_free import alignment, neighbourhood_agreement, rankme, uniformity
 from pipeline.evaluation.plots import PlotInputs, write_plots
 from pipeline.evaluation.probes import (
     ProbeRecipe,
@@ -49,7 +63,8 @@ from pipeline.evaluation.probes import (
 )
 from pipeline.evaluation.robustness import robustness_metrics
 from pipeline.evaluation.supervised import SupervisedBudget, train_supervised
-from pipeline.tracking import run_id_of, setup_mlflow
+from pipeline.registry import production_model
+from pipeline.tracking import log_eval_metrics, run_id_of, setup_mlflow
 
 REFERENCES = keys.REFERENCES
 
@@ -57,12 +72,20 @@ REFERENCES = keys.REFERENCES
 @dataclass
 class EvalReport:
     model: str
-    data_version: str
+    data_version: str  # the training stream's
     metrics: dict[str, float] = field(default_factory=dict)
     plots: list[Path] = field(default_factory=list)
+    versions: dict[str, str] = field(default_factory=dict)  # evaluation.data.versions
+
+    @property
+    def eval_version(self) -> str:
+        """What the scores were measured on: equal eval versions, comparable scores."""
+        return self.versions.get("eval_version", self.data_version)
 
     def render(self) -> str:
-        lines = [f"evaluate: {self.model} on data {self.data_version}"]
+        benchmark = self.versions.get("benchmark_version")
+        on = f"; benchmark {benchmark}" if benchmark else ""
+        lines = [f"evaluate: {self.model} on data {self.data_version}{on}"]
         own = [name for name in self.metrics if not name.startswith(REFERENCES)]
         width = max((len(name) for name in own), default=0)
         for name in own:
@@ -89,7 +112,9 @@ class _Subject:
 
 
 @dataclass(frozen=True)
-class _Data:
+class _Labelled:
+    """The labelled protocols' data: a benchmark's or the source's own train/test splits."""
+
     train: LabelledSplit
     test: LabelledSplit
     version: str
@@ -98,9 +123,16 @@ class _Data:
     transfer_version: str = ""
 
 
+@dataclass(frozen=True)
+class _Data:
+    labelled: _Labelled | None  # None: an unlabelled stream and no benchmark
+    heldout: Tensor | None  # uint8 images of the held-out slice (label-free metrics)
+    versions: dict[str, str]
+
+
 @dataclass
 class _Assessment:
-    data_version: str
+    versions: dict[str, str]
     metrics: dict[str, float]
     plot_inputs: PlotInputs | None = None
 
@@ -108,8 +140,9 @@ class _Assessment:
 def evaluate(params: Params, model: str) -> EvalReport:
     """Score the encoder at `model` (folder, runs:/ or models:/ URI): metrics.json, plots, and
     both logged to the model's MLflow run when it has one."""
-    assessment = _assess(params, model, references=True)
-    report = EvalReport(model, assessment.data_version, assessment.metrics)
+    assessment = _assess(params, model, references=True, versus_production=True)
+    versions = assessment.versions
+    report = EvalReport(model, versions["data_version"], assessment.metrics, versions=versions)
     if assessment.plot_inputs is not None:
         e = params.eval
         report.plots = write_plots(
@@ -134,8 +167,11 @@ def score(params: Params, model: str, *, references: bool = True) -> dict[str, f
     return _assess(params, model, references=references).metrics
 
 
-def _assess(params: Params, model: str, *, references: bool) -> _Assessment:
+def _assess(
+    params: Params, model: str, *, references: bool, versus_production: bool = False
+) -> _Assessment:
     torch.set_num_threads(os.cpu_count() or 1)
+    require_evaluable(params)
     if _is_uri(model):
         setup_mlflow(params)  # models:/ and runs:/ resolve through the tracking store
     encoder, spec = load_encoder(model)
@@ -154,17 +190,24 @@ def _assess(params: Params, model: str, *, references: bool) -> _Assessment:
     plot_inputs = None
     with Progress(transient=True) as progress:
         data = _load_data(params, spec, progress)
+        labelled = data.labelled
         for subject in subjects:
-            found, test_features, predictions = _protocols(params, subject, data, progress)
+            found: dict[str, float] = {}
+            if labelled is not None:
+                found, test_features, predictions = _protocols(params, subject, labelled, progress)
+                if subject.name == keys.ENCODER:
+                    test = labelled.test
+                    plot_inputs = PlotInputs(
+                        test_features, test.labels, predictions, test.classes, names
+                    )
+            if data.heldout is not None:
+                found.update(_label_free(params, subject, data.heldout))
             metrics.update({keys.for_subject(subject.name, k): v for k, v in found.items()})
-            if subject.name == keys.ENCODER:
-                test = data.test
-                plot_inputs = PlotInputs(
-                    test_features, test.labels, predictions, test.classes, names
-                )
-        if references and e.supervised_steps > 0:
-            metrics.update(_supervised(params, spec, data, progress))
-    return _Assessment(data.version, metrics, plot_inputs)
+        if references and labelled is not None and e.supervised_steps > 0:
+            metrics.update(_supervised(params, spec, labelled, progress))
+        if versus_production:
+            metrics.update(_versus_production(params, subjects[0], data, spec, progress))
+    return _Assessment(data.versions, metrics, plot_inputs)
 
 
 def _is_uri(model: str) -> bool:
@@ -175,17 +218,39 @@ def _is_uri(model: str) -> bool:
 
 
 def _load_data(params: Params, spec: EncoderSpec, progress: Progress) -> _Data:
-    e = params.eval
-    train, test = (
-        _split(params.data.shards_dir, name, spec, e.batch_size, progress)
-        for name in ("train", "test")
+    """Shard the benchmark if it is new, then decode each evaluation split once."""
+    benchmark(params)
+    labelled_root = labelled_dir(params)
+    heldout = heldout_slice(params)
+    images = None if heldout is None else _images(heldout, spec, params, progress, "held-out")
+    labelled = None if labelled_root is None else _labelled(params, labelled_root, spec, progress)
+    return _Data(labelled, images, versions(params))
+
+
+def _images(
+    piece: Slice, spec: EncoderSpec, params: Params, progress: Progress, what: str
+) -> Tensor:
+    return load_images(
+        piece.urls,
+        image_size=spec.image_size,
+        channels=spec.in_channels,
+        batch_size=params.eval.batch_size,
+        limit=piece.samples,
+        progress=progress,
+        what=f"load {what} images",
     )
+
+
+def _labelled(params: Params, root: str, spec: EncoderSpec, progress: Progress) -> _Labelled:
+    e = params.eval
+    train, test = (_split(root, name, spec, e.batch_size, progress) for name in ("train", "test"))
     generator = torch.Generator().manual_seed(e.seed)
     robust_index = torch.randperm(len(test), generator=generator)[: e.robustness_subset]
-    data = _Data(train, test, data_version(params.data.shards_dir), robust_index.sort().values)
+    data = _Labelled(train, test, data_version(root), robust_index.sort().values)
     if not e.transfer_source:
         return data
-    shards_dir = _transfer_shards(params)
+    shard_reference(params, e.transfer_source, e.transfer_shards_dir)
+    shards_dir = e.transfer_shards_dir
     transfer = tuple(
         _split(shards_dir, name, spec, e.batch_size, progress) for name in ("train", "test")
     )
@@ -203,24 +268,6 @@ def _split(
         batch_size=batch,
         progress=progress,
     )
-
-
-def _transfer_shards(params: Params) -> str:
-    """The transfer dataset's shards, written on first use by the shard stage's own code
-    (idempotent: a static source whose shards are current is not rewritten)."""
-    from pipeline.shard import shard
-
-    e = params.eval
-    data = params.data.model_copy(
-        update={
-            "source": e.transfer_source,
-            "shards_dir": e.transfer_shards_dir,
-            "train_limit": 0,
-            "test_limit": 0,
-        }
-    )
-    shard(params.model_copy(update={"data": data}))
-    return e.transfer_shards_dir
 
 
 # --- protocols --------------------------------------------------------------------------------
@@ -253,7 +300,7 @@ def _features(
 
 
 def _protocols(
-    params: Params, subject: _Subject, data: _Data, progress: Progress
+    params: Params, subject: _Subject, data: _Labelled, progress: Progress
 ) -> tuple[dict[str, float], Tensor, Tensor]:
     """Every feature protocol for one subject: (metrics under encoder names, test features,
     linear-probe test predictions)."""
@@ -323,7 +370,7 @@ def _transfer_top1(
 
 
 def _robustness(
-    params: Params, classifier: nn.Module, data: _Data, progress: Progress, what: str
+    params: Params, classifier: nn.Module, data: _Labelled, progress: Progress, what: str
 ) -> dict[str, float]:
     e = params.eval
     index = data.robust_index
@@ -342,7 +389,7 @@ def _robustness(
 
 
 def _supervised(
-    params: Params, spec: EncoderSpec, data: _Data, progress: Progress
+    params: Params, spec: EncoderSpec, data: _Labelled, progress: Progress
 ) -> dict[str, float]:
     """The supervised baseline on clean labels (accuracy, robustness) and on each noise rate."""
     e = params.eval
@@ -370,12 +417,85 @@ def _supervised(
     return {keys.for_subject(keys.SUPERVISED, k): v for k, v in found.items()}
 
 
+def _label_free(params: Params, subject: _Subject, images: Tensor) -> dict[str, float]:
+    """RankMe and uniformity of the held-out slice's features, alignment of two augmented
+    views of it (seeded: every model sees the same views)."""
+    size = params.eval.batch_size
+    features = _embed(subject, images, size)
+    augment = BatchMoCoAugment(images.shape[-1], params.moco.augmentation)
+    generator = torch.Generator().manual_seed(params.eval.seed)
+    views = [_embed(subject, images, size, partial(augment, generator=generator)) for _ in "ab"]
+    return {
+        keys.RANKME: rankme(features),
+        keys.ALIGNMENT: alignment(*views),
+        keys.UNIFORMITY: uniformity(features),
+    }
+
+
+@torch.no_grad()
+def _embed(
+    subject: _Subject,
+    images: Tensor,
+    batch_size: int,
+    transform: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
+    """Features of uint8 images [N, C, S, S]: as they are (scaled to [0, 1]) or through
+    `transform` (uint8 batch -> float views), a batch at a time."""
+    subject.net.eval()
+    out = []
+    for chunk in images.split(batch_size):
+        floats = (
+            TF.to_dtype(chunk, torch.float32, scale=True) if transform is None else transform(chunk)
+        )
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=subject.bf16):
+            out.append(subject.net(floats).float())
+    return torch.cat(out)
+
+
+def _versus_production(
+    params: Params, candidate: _Subject, data: _Data, spec: EncoderSpec, progress: Progress
+) -> dict[str, float]:
+    """How far the new data is from what production was trained on (MMD in production's
+    embedding space) and how far the candidate moved from production (shared neighbours on
+    the held-out slice). Empty when there is no production model yet."""
+    setup_mlflow(params)
+    found = production_model(MlflowClient(), params.registry.model_name)
+    if found is None:
+        return {}
+    uri, trained_on = found
+    production, production_spec = load_encoder(uri)
+    if asdict(production_spec) != asdict(spec):
+        return {}  # another architecture: no common input to compare on
+    subject = _Subject("production", feature_net(production), None, candidate.bf16)
+    metrics: dict[str, float] = {}
+    if data.heldout is not None:
+        size = params.eval.batch_size
+        mine, theirs = (_embed(s, data.heldout, size) for s in (candidate, subject))
+        metrics[keys.AGREEMENT] = neighbourhood_agreement(mine, theirs, params.eval.agreement_k)
+    sides = drift_sides(params, trained_on) if trained_on else None
+    if sides is not None:
+        old, new = (
+            _embed(subject, _images(side, spec, params, progress, "drift"), params.eval.batch_size)
+            for side in sides
+        )
+        drift = mmd_drift(
+            old, new, permutations=params.eval.drift_permutations, seed=params.eval.seed
+        )
+        metrics |= {
+            keys.DRIFT_MMD: drift.mmd2,
+            keys.DRIFT_P: drift.p_value,
+            "drift_old_samples": drift.old,
+            "drift_new_samples": drift.new,
+        }
+    return metrics
+
+
 # --- recording --------------------------------------------------------------------------------
 
 
 def _record(params: Params, model: str, report: EvalReport) -> None:
     """metrics.json for DVC, and the same numbers and the plots on the model's MLflow run."""
-    payload = {"data_version": report.data_version, **report.metrics}
+    payload = {**report.versions, **report.metrics}
     Path(params.eval.metrics_file).write_text(json.dumps(payload, indent=2) + "\n")
     if _is_uri(model):
         setup_mlflow(params)
@@ -384,9 +504,6 @@ def _record(params: Params, model: str, report: EvalReport) -> None:
         return  # a bare folder with no run.json: nothing to attach the numbers to
     setup_mlflow(params)
     client = MlflowClient()
-    now = int(time.time() * 1000)
-    metrics = [Metric(f"eval_{k}", v, now, 0) for k, v in report.metrics.items()]
-    for start in range(0, len(metrics), 500):  # log_batch takes at most 1000 metrics
-        client.log_batch(run_id, metrics=metrics[start : start + 500])
+    log_eval_metrics(client, run_id, report.metrics)
     for path in report.plots:
         client.log_artifact(run_id, str(path), artifact_path="eval_plots")

@@ -4,8 +4,10 @@ Production is an alias, not a stage label: promotion and rollback are alias move
 version that held `@production` keeps `@previous` so a rollback is one call.
 
 The gate compares like with like: production's numbers are reused only when they were measured
-on the candidate's data version with the same evaluation protocol; otherwise production is
-re-scored on the current shards. Alias moves are serialised by `pipeline.registry`.
+on the same evaluation data (`eval_version`: the benchmark's version and the held-out slice's)
+with the same evaluation protocol; otherwise production is re-scored on the current data. The
+training stream may grow in between: that changes what a model learns from, not what it is
+judged on. Alias moves are serialised by `pipeline.registry`.
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import Params
-from pipeline.dataset import data_version as current_data_version
 from pipeline.errors import StageError
 from pipeline.evaluate import score
+from pipeline.evaluation import keys
+from pipeline.evaluation.data import versions as current_versions
 from pipeline.registry import (
     CHALLENGER,
     PREVIOUS,
@@ -35,20 +38,11 @@ from pipeline.registry import (
     version_by_alias,
     version_number,
 )
-from pipeline.tracking import git_commit, setup_mlflow, tracking_uri
+from pipeline.tracking import EVAL_PREFIX, git_commit, log_eval_metrics, setup_mlflow, tracking_uri
 
 DECISION_FILE = "promotion.json"
 REPLACED_TAG = "replaced_version"  # on a promoted version: the production it replaced
-METADATA_TAGS = {  # version tags that are not metrics (hashes may look like numbers)
-    "data_version",
-    "git_commit",
-    "config_hash",
-    "eval_protocol",
-    "decision",
-    "decision_reason",
-    "decided_at",
-    REPLACED_TAG,
-}
+VERSION_KEYS = ("data_version", "benchmark_version", "eval_version")  # also in metrics.json
 EPSILON = 1e-9  # float slack so "improves by exactly min_gain" passes
 NOT_SCORING = {  # eval keys that never change a metric's value
     "batch_size",
@@ -59,6 +53,10 @@ NOT_SCORING = {  # eval keys that never change a metric's value
     "features_dir",
     "transfer_shards_dir",
     "tsne_points",
+    "benchmark_dir",
+    "agreement_k",
+    "drift_samples",
+    "drift_permutations",
 }
 
 
@@ -73,7 +71,9 @@ class Decision:
     baseline: float | None  # what it had to beat: production's score, or the random reference
     previous_production: str | None
     action: str = "promote"  # promote | rollback
-    data_version: str = ""
+    data_version: str = ""  # the training stream's
+    eval_version: str = ""  # what both models were scored on
+    benchmark_version: str = ""
     config_hash: str = ""
     decided_at: str = ""
     production_metrics: dict[str, float] = field(default_factory=dict)  # what it was gated on
@@ -121,48 +121,50 @@ def _needed(params: Params) -> list[str]:
     return [params.registry.primary_metric, *params.registry.guards]
 
 
-def _recorded(params: Params, production: ModelVersion, data_version: str) -> dict[str, float]:
-    """Production's tagged metrics (all of them, for the summary) if measured on this data with
-    this protocol and holding every metric the gate needs, else {}."""
-    tags, needed = production.tags, _needed(params)
-    measured_on = (tags.get("data_version"), tags.get("eval_protocol"))
-    if measured_on != (data_version, eval_protocol(params)) or any(k not in tags for k in needed):
+def _recorded(params: Params, production: ModelVersion, eval_version: str) -> dict[str, float]:
+    """Production's evaluation metrics (all of them, for the summary, read from its MLflow run)
+    if measured on the same evaluation data with this protocol and holding every metric the gate
+    needs, else {}."""
+    tags = production.tags
+    if (tags.get("eval_version"), tags.get("eval_protocol")) != (
+        eval_version,
+        eval_protocol(params),
+    ):
         return {}
-    return {
-        key: float(value)
-        for key, value in tags.items()
-        if key not in METADATA_TAGS and _is_number(value)
+    logged = MlflowClient().get_run(production.run_id).data.metrics if production.run_id else {}
+    metrics = {
+        key.removeprefix(EVAL_PREFIX): value
+        for key, value in logged.items()
+        if key.startswith(EVAL_PREFIX)
     }
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
+    return metrics if all(k in metrics for k in _needed(params)) else {}
 
 
 def _baseline(
-    params: Params, production: ModelVersion | None, data_version: str
+    params: Params, production: ModelVersion | None, eval_version: str
 ) -> Baseline | None:
     """Production's comparable metrics (None when there is no production yet)."""
     if production is None:
         return None
     version = str(production.version)
-    recorded = _recorded(params, production, data_version)
+    recorded = _recorded(params, production, eval_version)
     if recorded:
-        source = f"recorded metrics reused: same data {data_version}, same eval protocol"
+        source = f"recorded metrics reused: same eval data {eval_version}, same protocol"
         return Baseline(version, recorded, source)
-    on_disk = current_data_version(params.data.shards_dir)
-    if on_disk != data_version:
+    on_disk = current_versions(params)["eval_version"]
+    if on_disk != eval_version:
         raise StageError(
-            f"the candidate was evaluated on data {data_version} but {params.data.shards_dir} "
-            f"holds {on_disk}: re-run `mocopipe evaluate` so both models see the same data"
+            f"the candidate was evaluated on eval data {eval_version} but the shards now give "
+            f"{on_disk}: re-run `mocopipe evaluate` so both models see the same data"
         )
     uri = f"models:/{params.registry.model_name}/{version}"
     metrics = score(params, uri, references=False)
-    return Baseline(version, metrics, f"re-evaluated on data {data_version}")
+    return Baseline(version, metrics, f"re-evaluated on eval data {eval_version}")
+
+
+def _gain(metric: str, candidate: float, reference: float) -> float:
+    """How much better the candidate is, in the metric's own direction."""
+    return reference - candidate if keys.lower_is_better(metric) else candidate - reference
 
 
 def _judge_first(params: Params, metrics: dict[str, float]) -> tuple[bool, float | None, str]:
@@ -171,7 +173,7 @@ def _judge_first(params: Params, metrics: dict[str, float]) -> tuple[bool, float
     candidate, random = metrics[key], metrics.get(f"random_{key}")
     if random is None:
         return False, None, f"no production model yet and no random_{key} reference to beat"
-    ok = candidate > random
+    ok = _gain(key, candidate, random) > 0
     pixels = metrics.get(f"pixels_{key}")
     pixel_gap = "" if pixels is None else f"; pixels {pixels:.4f} (gap {candidate - pixels:+.4f})"
     verb = "beats" if ok else "does not beat"
@@ -192,8 +194,8 @@ def _guard_failures(
     for metric, tolerance in guards.items():
         if metric not in candidate or metric not in production:
             failures.append(f"guard {metric}: no value to compare (candidate or production)")
-        elif production[metric] - candidate[metric] > tolerance + EPSILON:
-            drop = production[metric] - candidate[metric]
+        elif -_gain(metric, candidate[metric], production[metric]) > tolerance + EPSILON:
+            drop = -_gain(metric, candidate[metric], production[metric])
             failures.append(f"guard {metric} fell {drop:.4f} > tolerance {tolerance}")
     return failures
 
@@ -209,10 +211,13 @@ def _judge(
     if reference is None:
         return False, None, f"production v{baseline.version} has no {key} to compare with"
     failures = _guard_failures(params.registry.guards, metrics, baseline.metrics)
-    if candidate + EPSILON < reference + gain:
-        failures.insert(0, f"{key} {candidate:.4f} < {reference:.4f} + min_gain {gain}")
+    better = "lower" if keys.lower_is_better(key) else "higher"
+    if _gain(key, candidate, reference) + EPSILON < gain:
+        failures.insert(
+            0, f"{key} {candidate:.4f} vs {reference:.4f}: not {better} by min_gain {gain}"
+        )
     verdict = "; ".join(failures) or (
-        f"{key} {candidate:.4f} >= {reference:.4f} + min_gain {gain}"
+        f"{key} {candidate:.4f} vs {reference:.4f}: {better} by at least min_gain {gain}"
         + (", guards held" if params.registry.guards else "")
     )
     return (
@@ -236,14 +241,17 @@ def _write(decision: Decision, path: str | Path) -> None:
 def _candidate_tags(
     params: Params, metrics: dict[str, float], decision: Decision
 ) -> dict[str, str]:
-    tags = {key: repr(float(value)) for key, value in metrics.items()}
+    """The few tags a reader filters versions on: the gated metrics and what they were measured
+    on. Every metric is on the model's run; the decision's reason is the version's description."""
+    tags = {key: repr(float(metrics[key])) for key in _needed(params) if key in metrics}
     tags |= {
         "data_version": decision.data_version,
+        "benchmark_version": decision.benchmark_version,
+        "eval_version": decision.eval_version,
         "git_commit": git_commit(),
         "config_hash": decision.config_hash,
         "eval_protocol": eval_protocol(params),
         "decision": "promoted" if decision.promoted else "rejected",
-        "decision_reason": decision.reason,
         "decided_at": decision.decided_at,
     }
     if decision.promoted and decision.previous_production is not None:
@@ -289,11 +297,13 @@ def promote(
     params: Params,
     model_uri: str,
     metrics: dict[str, float],
-    data_version: str,
+    versions: dict[str, str],
     *,
     decision_file: str | Path = DECISION_FILE,
 ) -> Decision:
     """Register `model_uri`, gate it against production, move the aliases, record the decision.
+
+    `versions` are what the evaluation measured (`evaluation.data.versions`, in metrics.json).
 
     The slow part (re-scoring production) runs before the lock; inside it production is read
     again and, if another promotion moved it meanwhile, the gate is re-run against the new one.
@@ -304,12 +314,16 @@ def promote(
     setup_mlflow(params)
     client, name = MlflowClient(), params.registry.model_name
     production = version_by_alias(client, name, PRODUCTION)
-    baseline = _baseline(params, production, data_version)
-    version = str(mlflow.register_model(model_uri, name).version)
+    eval_version = versions.get("eval_version", "")
+    baseline = _baseline(params, production, eval_version)
+    registered = mlflow.register_model(model_uri, name)
+    version = str(registered.version)
+    if registered.run_id:  # the numbers it is gated on, where _recorded reads them next time
+        log_eval_metrics(client, registered.run_id, metrics)
     with registry_lock(tracking_uri(params), params.registry.lock_timeout_s):
         current = version_by_alias(client, name, PRODUCTION)
         if version_number(current) != version_number(production):
-            production, baseline = current, _baseline(params, current, data_version)
+            production, baseline = current, _baseline(params, current, eval_version)
         promoted, reference, reason = _judge(params, metrics, baseline)
         decision = _decision(
             params,
@@ -319,13 +333,28 @@ def promote(
             candidate=metrics[key],
             baseline=reference,
             previous=version_number(production),
-            data_version=data_version,
+            data_version=versions.get("data_version", ""),
+            eval_version=eval_version,
+            benchmark_version=versions.get("benchmark_version", ""),
             production_metrics=dict(baseline.metrics) if baseline else {},
         )
         move_aliases(client, name, _alias_moves(decision))
         set_version_tags(client, name, version, _candidate_tags(params, metrics, decision))
+        client.update_model_version(name, version, description=_description(decision))
     _write(decision, decision_file)
     return decision
+
+
+def _description(decision: Decision) -> str:
+    """What the registry UI shows on the version: the verdict and why, and what it was measured
+    on (the numbers themselves are on its MLflow run)."""
+    verdict = f"Promoted to @{PRODUCTION}" if decision.promoted else f"Not promoted (@{CHALLENGER})"
+    if decision.action == "rollback":
+        verdict = f"Restored to @{PRODUCTION} by a rollback"
+    on = f"training data `{decision.data_version}`"
+    if decision.benchmark_version:
+        on += f", benchmark `{decision.benchmark_version}`"
+    return f"{verdict} on {decision.decided_at}.\n\n{decision.reason}\n\nMeasured on {on}."
 
 
 def _metric_tag(version: ModelVersion | None, key: str) -> float | None:
@@ -361,8 +390,9 @@ def rollback(
             data_version=target.tags.get("data_version", ""),
         )
         move_aliases(client, name, {PRODUCTION: restored, PREVIOUS: target.tags.get(REPLACED_TAG)})
-        stamp = {"decided_at": decision.decided_at, "decision_reason": decision.reason}
+        stamp = {"decided_at": decision.decided_at}
         set_version_tags(client, name, restored, {**stamp, "decision": "restored"})
+        client.update_model_version(name, restored, description=_description(decision))
         if demoted is not None:
             set_version_tags(client, name, demoted, {**stamp, "decision": "rolled back"})
     _write(decision, decision_file)

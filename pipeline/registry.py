@@ -94,3 +94,16 @@ def move_aliases(client: MlflowClient, name: str, moves: dict[str, str | None]) 
 def set_version_tags(client: MlflowClient, name: str, version: str, tags: dict[str, str]) -> None:
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
+
+
+TRAIN_SAMPLES_TAG = "train_samples"  # on a pretrain run: images in the train split it read
+
+
+def production_model(client: MlflowClient, name: str) -> tuple[str, int] | None:
+    """(models:/ URI of the version holding @production, how many training images its run
+    read; 0 when not recorded), or None when nothing serves yet."""
+    version = version_by_alias(client, name, PRODUCTION)
+    if version is None:
+        return None
+    tags = client.get_run(version.run_id).data.tags if version.run_id else {}
+    return f"models:/{name}/{version.version}", int(tags.get(TRAIN_SAMPLES_TAG, 0))

@@ -337,7 +337,7 @@ def _refuse_empty(split: str, src: Source, scan: _Scan, base: dict[str, Any] | N
         f"({len(scan.quarantine)} quarantined, {len(scan.duplicate_of)} duplicates, "
         f"{len(src.ignored.get(split, []))} files without an image suffix"
         f"{example if scan.quarantine else ''}); fix: point data.source at a folder of "
-        "jpg/png/webp/bmp/tiff images (class folders optional)"
+        "jpg/png/webp/gif/bmp/tiff images (with data.labels=folders: one folder per class)"
     )
 
 

@@ -28,8 +28,12 @@ from pipeline.config import DataParams
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
+IMAGE_SUFFIXES = frozenset(
+    {".jpg", ".jpeg", ".jfif", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+    | {".pbm", ".pgm", ".ppm", ".pnm", ".tga"}
+)
 SPLIT_FOLDERS = ("train", "val", "test")
+HOLDOUT = "holdout"  # a folder source's held-out split (label-free metrics, drift)
 FASHION_MNIST_CLASSES = (
     "T-shirt/top",
     "Trouser",
@@ -101,7 +105,8 @@ class Examined:
 
 
 def open_source(spec: str, params: DataParams) -> Source:
-    """Resolve `data.source` (or a CLI override) to a `Source`."""
+    """Resolve `data.source` (or a CLI override) to a `Source`; a folder is unlabelled unless
+    `data.labels` is `folders`."""
     if spec == "fashion-mnist":
         return fashion_mnist(Path(params.fashion_mnist_dir), _limits(params))
     if spec == "digits":
@@ -114,7 +119,9 @@ def open_source(spec: str, params: DataParams) -> Source:
         )
     if params.train_limit or params.test_limit:
         log.warning("data.train_limit/test_limit apply to built-in sets only; ignored for %s", spec)
-    return image_folder(folder, name=spec)
+    return image_folder(
+        folder, name=spec, labels=params.labels, holdout_percent=params.holdout_percent
+    )
 
 
 def _limits(params: DataParams) -> dict[str, int]:
@@ -257,26 +264,47 @@ def encode_png(pixels: np.ndarray) -> bytes:
 # --- folders of images ------------------------------------------------------------------------
 
 
-def image_folder(root: Path, name: str) -> Source:
-    """A tree of images. Layout, decided from the first level:
+def image_folder(
+    root: Path, name: str, labels: str = "none", holdout_percent: float = 0.0
+) -> Source:
+    """A tree of images. Splits, decided from the first level: only `train/`, `val/`, `test/`
+    folders (with `train/`) are the splits; otherwise the whole tree is the `train` split, less
+    a `holdout` split of about `holdout_percent` % of the files, picked by a hash of each
+    file's path so a file never changes side as new drops arrive (label-free evaluation and
+    drift are measured on it, never trained on).
 
-    - only `train/`, `val/`, `test/` folders (with `train/`): each is a split;
-    - otherwise the whole tree is the `train` split.
-    Inside a split, first-level folders are class names (shared across splits, sorted); an image
-    outside any class folder in a labelled split is quarantined rather than given no label. A
-    split with no folders at its first level is unlabelled."""
+    labels="none" (the default: data arrives unlabelled, and folder names are dates, cameras or
+    batches, not classes): every image at any depth is a sample with no label.
+    labels="folders": inside a split, first-level folders are class names (shared across splits,
+    sorted) and an image outside any class folder is quarantined rather than given no label."""
     top_dirs = {p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")}
     split_layout = "train" in top_dirs and top_dirs <= set(SPLIT_FOLDERS)
     split_roots = {s: root / s for s in SPLIT_FOLDERS if s in top_dirs} if split_layout else {}
     split_roots = split_roots or {"train": root}
-    classes = sorted(set().union(*(_class_dirs(path) for path in split_roots.values())))
+    by_folder = labels == "folders"
+    classes = (
+        sorted(set().union(*(_class_dirs(path) for path in split_roots.values())))
+        if by_folder
+        else []
+    )
     index = {name: i for i, name in enumerate(classes)}
     splits, ignored = {}, {}
     for split, split_root in split_roots.items():
         files, ignored[split] = _list_images(split_root)
-        labelled = bool(_class_dirs(split_root))
-        splits[split] = [_file_candidate(split_root, path, index, labelled) for path in files]
+        splits[split] = [_file_candidate(split_root, path, index, by_folder) for path in files]
+    if not split_layout and holdout_percent > 0:
+        sides: dict[bool, list[Candidate]] = {False: [], True: []}
+        for candidate in splits["train"]:
+            sides[_held_out(candidate.ref, holdout_percent)].append(candidate)
+        splits = {"train": sides[False]} | ({HOLDOUT: sides[True]} if sides[True] else {})
+        ignored[HOLDOUT] = []
     return Source(name=name, splits=splits, classes=classes, appendable=True, ignored=ignored)
+
+
+def _held_out(ref: str, percent: float) -> bool:
+    """A stable pseudo-random draw per path: the same file is held out on every run."""
+    draw = int.from_bytes(hashlib.sha256(ref.encode()).digest()[:8], "big") / 2**64
+    return draw * 100 < percent
 
 
 def _class_dirs(split_root: Path) -> set[str]:

@@ -9,10 +9,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import mlflow
 import torch
+from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
@@ -20,6 +22,8 @@ from mlflow.tracking import MlflowClient
 from pipeline.config import Params
 from pipeline.encoder import RUN_FILE, load_encoder
 from pipeline.errors import StageError
+
+EVAL_PREFIX = "eval_"  # the evaluate stage's metrics on a model's run: eval_knn_top1, ...
 
 
 def tracking_uri(params: Params) -> str:
@@ -59,6 +63,15 @@ def end_run_failed(error: BaseException) -> None:
     """End the active run as FAILED with the reason as a tag (a failed run is never a model)."""
     mlflow.set_tag("failure", f"{type(error).__name__}: {error}"[:5000])
     mlflow.end_run(status="FAILED")
+
+
+def log_eval_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float]) -> None:
+    """The evaluation's numbers on the model's run, under EVAL_PREFIX (training curves keep
+    the bare names)."""
+    now = int(time.time() * 1000)
+    rows = [Metric(f"{EVAL_PREFIX}{k}", float(v), now, 0) for k, v in metrics.items()]
+    for start in range(0, len(rows), 500):  # log_batch takes at most 1000 metrics
+        client.log_batch(run_id, metrics=rows[start : start + 500])
 
 
 def git_commit() -> str:

@@ -77,20 +77,57 @@ def load_split(
     with it every seeded subset, so it must not depend on the machine's CPU count."""
     manifest = read_manifest(shards_dir, split)
     advance = ticker(progress, f"load {split}", manifest["samples"])
-    images, labels = [], []
+    images, labels = _decode(
+        shard_urls(shards_dir, split), image_size, channels, batch_size, advance
+    )
+    keep = labels >= 0  # unlabelled samples cannot be scored
+    if not bool(keep.any()):
+        raise ValueError(f"{shards_dir}/{split}: no labelled samples to evaluate on")
+    return LabelledSplit(images[keep], labels[keep].long(), list(manifest["classes"]))
+
+
+def load_images(
+    urls: list[str],
+    *,
+    image_size: int,
+    channels: int,
+    batch_size: int,
+    limit: int,
+    progress: Progress | None = None,
+    what: str = "load images",
+) -> Tensor:
+    """The first `limit` images (labelled or not) of the shards at `urls`, as `load_split`
+    prepares them: the label-free metrics and the drift test need no labels."""
+    advance = ticker(progress, what, limit)
+    return _decode(urls, image_size, channels, batch_size, advance, limit)[0]
+
+
+def _decode(
+    urls: list[str],
+    image_size: int,
+    channels: int,
+    batch_size: int,
+    advance: Callable[..., None],
+    limit: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """uint8 images and labels (-1: none) of the shards, in the loader's fixed order."""
+    images, labels, seen = [], [], 0
     for batch, targets in eval_loader(
-        shard_urls(shards_dir, split),
+        urls,
         transform=_Prepare(image_size, channels),
         batch_size=batch_size,
         loader_workers=LOADER_WORKERS,
     ):
-        keep = targets >= 0  # unlabelled samples cannot be scored
-        images.append(batch[keep])
-        labels.append(targets[keep])
+        images.append(batch)
+        labels.append(targets)
+        seen += len(targets)
         advance(len(targets))
-    if not images or sum(len(t) for t in labels) == 0:
-        raise ValueError(f"{shards_dir}/{split}: no labelled samples to evaluate on")
-    return LabelledSplit(torch.cat(images), torch.cat(labels).long(), list(manifest["classes"]))
+        if limit and seen >= limit:
+            break
+    if not images:
+        return torch.empty(0, channels, image_size, image_size, dtype=torch.uint8), torch.empty(0)
+    stop = limit or seen
+    return torch.cat(images)[:stop], torch.cat(labels)[:stop]
 
 
 class _Prepare:

@@ -50,3 +50,24 @@ def corruption(name: str, severity: int) -> str:
 
 def attack(kind: str, eps: float) -> str:
     return f"{kind}_eps{eps:g}_top1"
+
+
+# Label-free metrics (pipeline/evaluation/label_free.py) and the run-level comparisons with
+# production, which have no reference versions: drift is about the data, agreement about two
+# models, and neither says which model is better, so neither can gate a promotion.
+RANKME, ALIGNMENT, UNIFORMITY = "rankme", "alignment", "uniformity"
+LABEL_FREE = (RANKME, ALIGNMENT, UNIFORMITY)
+AGREEMENT = "agreement_production"
+DRIFT_MMD, DRIFT_P = "drift_mmd2", "drift_p_value"
+NOT_GATEABLE = (AGREEMENT, DRIFT_MMD, DRIFT_P, "drift_old_samples", "drift_new_samples")
+_LOWER_IS_BETTER = (ALIGNMENT, UNIFORMITY)
+
+
+def lower_is_better(metric: str) -> bool:
+    """Alignment and uniformity fall as an encoder improves; every accuracy and rank rises."""
+    return metric.removeprefix("pixels_").removeprefix("random_") in _LOWER_IS_BETTER
+
+
+def needs_labels(metric: str) -> bool:
+    """Whether the evaluate stage can only report `metric` with a labelled benchmark."""
+    return metric not in LABEL_FREE and metric not in NOT_GATEABLE

@@ -18,9 +18,11 @@ def corpus(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def make_params(tmp_path: Path) -> Callable[..., Params]:
-    """Params with shards under tmp_path; keyword arguments override data.* keys."""
+    """Params with shards under tmp_path; keyword arguments override data.* keys. Folder
+    corpora here are the labelled layout (class folders, no holdout) unless a test says not."""
 
     def make(shards: str = "shards", **data: object) -> Params:
+        data = {"labels": "folders", "holdout_percent": 0} | data
         overrides = [f"data.shards_dir={tmp_path / shards}"]
         overrides += [f"data.{key}={value}" for key, value in data.items()]
         return load_params(None, overrides)

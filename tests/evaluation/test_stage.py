@@ -64,7 +64,17 @@ def test_report_keys(runs: Runs) -> None:
     assert "noise20_supervised_top1" not in m
     for key in ("fgsm_eps0.05", "pgd_eps0.05", "corruption_mean"):
         assert f"{key}_supervised_top1" in m
-    assert all(0.0 <= v <= 1.0 for k, v in m.items() if not k.endswith("_ci95"))
+    for key in ("rankme", "alignment", "uniformity"):  # label-free, on the test split here
+        assert key in m and f"pixels_{key}" in m and f"random_{key}" in m, key
+    assert 1.0 <= m["rankme"] <= 64 and 0.0 <= m["alignment"] <= 4.0 and m["uniformity"] <= 0.0
+    label_free = {"rankme", "alignment", "uniformity"}
+    accuracies = [
+        v
+        for k, v in m.items()
+        if not k.endswith("_ci95")
+        and k.removeprefix("pixels_").removeprefix("random_") not in label_free
+    ]
+    assert all(0.0 <= v <= 1.0 for v in accuracies)
     # digits are easy: raw pixels are far above chance (1/10) by every probe
     assert m["pixels_linear_top1"] > 0.8 and m["pixels_knn_top1"] > 0.8
 
@@ -72,6 +82,8 @@ def test_report_keys(runs: Runs) -> None:
 def test_outputs_written(runs: Runs) -> None:
     payload = json.loads((runs.root / "metrics.json").read_text())
     assert payload.pop("data_version") == runs.first.data_version
+    for key in ("benchmark_version", "heldout_version", "eval_version"):
+        assert payload.pop(key) == runs.first.versions[key]
     assert payload == runs.first.metrics
     names = {p.name for p in (runs.root / "plots").glob("*.png")}
     assert names == {

@@ -82,7 +82,7 @@ def prefect_home(tmp_path_factory: pytest.TempPathFactory) -> None:
 
 # one epoch and the cheap protocols only: this test is about the records, not the numbers
 FLOW = {
-    "data": {"source": "images", "min_shards": 2},
+    "data": {"source": "images", "labels": "folders", "min_shards": 2},
     "train": {"epochs": 1},
     "eval": {
         "low_label_fractions": [],

@@ -68,7 +68,7 @@ def test_shards_from_the_production_alias(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     params = make_params()
-    promote(params, store.model_uri, FIRST, "d1")
+    promote(params, store.model_uri, FIRST, {"eval_version": "d1"})
     out = tmp_path / "digits.parquet"
     model = f"models:/{params.registry.model_name}@production"
     # Another store is current (as in a fresh process): embed must resolve through params.

@@ -13,13 +13,19 @@ from mlflow.tracking import MlflowClient
 from registry_helpers import FIRST, Store
 
 from pipeline.config import Params
-from pipeline.dataset import data_version
 from pipeline.errors import StageError
 from pipeline.evaluate import score
+from pipeline.evaluation.data import versions
 from pipeline.promote import Decision, promote, rollback
 from pipeline.registry import version_by_alias
 
-DATA = "data-v1"
+
+def on(version: str) -> dict[str, str]:
+    """The versions an evaluation on data `version` reports (metrics.json)."""
+    return {"data_version": version, "benchmark_version": "", "eval_version": version}
+
+
+DATA = on("data-v1")
 
 
 def alias(params: Params, name: str) -> str | None:
@@ -29,6 +35,10 @@ def alias(params: Params, name: str) -> str | None:
 
 def tags(params: Params, version: str) -> dict[str, str]:
     return MlflowClient().get_model_version(params.registry.model_name, version).tags
+
+
+def description(params: Params, version: str) -> str:
+    return MlflowClient().get_model_version(params.registry.model_name, version).description
 
 
 def recorded() -> dict:
@@ -63,17 +73,19 @@ def test_better_is_promoted_worse_is_not_and_rollback_restores(
     assert alias(params, "previous") == first.version
     assert "recorded metrics reused" in better.reason  # same data, same protocol: no re-scoring
     on_version = tags(params, better.version)
-    assert on_version["knn_top1"] == "0.85" and on_version["data_version"] == DATA
+    assert on_version["knn_top1"] == "0.85" and on_version["data_version"] == DATA["data_version"]
     assert on_version["replaced_version"] == first.version
     assert len(on_version["config_hash"]) == 12 and on_version["git_commit"]
     assert on_version["decision"] == "promoted"
 
     worse = promote(params, store.model_uri, {**FIRST, "knn_top1": 0.855}, DATA)
     assert not worse.promoted
-    assert "knn_top1 0.8550 < 0.8500 + min_gain 0.01" in worse.reason
+    assert "knn_top1 0.8550 vs 0.8500: not higher by min_gain 0.01" in worse.reason
     assert alias(params, "production") == better.version
     assert alias(params, "challenger") == worse.version
-    assert tags(params, worse.version)["decision_reason"] == worse.reason
+    assert worse.reason in description(params, worse.version)
+    assert set(tags(params, worse.version)) >= {"knn_top1", "data_version", "eval_version"}
+    assert "linear_top1" not in tags(params, worse.version)  # not gated: on the run only
     assert (recorded()["version"], recorded()["reason"]) == (worse.version, worse.reason)
 
     back = rollback(params, reason="bad embeddings downstream")
@@ -81,7 +93,7 @@ def test_better_is_promoted_worse_is_not_and_rollback_restores(
     assert alias(params, "production") == first.version
     assert alias(params, "previous") is None  # the first version replaced nothing
     assert tags(params, better.version)["decision"] == "rolled back"
-    assert "bad embeddings downstream" in tags(params, first.version)["decision_reason"]
+    assert "bad embeddings downstream" in description(params, first.version)
     assert recorded()["action"] == "rollback"
     with pytest.raises(StageError, match="no @previous"):
         rollback(params)
@@ -117,14 +129,15 @@ def test_production_is_rescored_on_the_candidates_data(
     make_params: Callable[..., Params], store: Store
 ) -> None:
     params = make_params()
-    production = promote(params, store.model_uri, FIRST, "older-data")
-    current = data_version(params.data.shards_dir)
+    production = promote(params, store.model_uri, FIRST, on("older-data"))
+    current = versions(params)
 
     decision = promote(params, store.model_uri, {**FIRST, "knn_top1": 0.99}, current)
 
     expected = score(params, str(store.encoder_dir), references=False)["knn_top1"]
-    assert f"vs production v{production.version} (re-evaluated on data {current})" in (
-        decision.reason
+    assert (
+        f"vs production v{production.version} (re-evaluated on eval data "
+        f"{current['eval_version']})" in decision.reason
     )
     assert decision.baseline == pytest.approx(expected)
     assert decision.promoted == (expected <= 0.99)
@@ -134,9 +147,9 @@ def test_candidate_scored_on_other_data_than_the_shards_is_refused(
     make_params: Callable[..., Params], store: Store
 ) -> None:
     params = make_params()
-    promote(params, store.model_uri, FIRST, "older-data")
+    promote(params, store.model_uri, FIRST, on("older-data"))
     with pytest.raises(StageError, match="re-run `mocopipe evaluate`"):
-        promote(params, store.model_uri, FIRST, "not-what-is-on-disk")
+        promote(params, store.model_uri, FIRST, on("not-what-is-on-disk"))
     name = params.registry.model_name
     assert len(MlflowClient().search_model_versions(f"name='{name}'")) == 1  # nothing registered
 

@@ -40,8 +40,8 @@ def test_registry_lifecycle_on_postgres_backed_server(
     client.create_experiment(params.tracking.experiment)
     model_uri = log_tiny_encoder(params, tiny_encoder(tmp_path / "encoder"))
 
-    first = promote(params, model_uri, FIRST, "d1")
-    better = promote(params, model_uri, {**FIRST, "knn_top1": 0.85}, "d1")
+    first = promote(params, model_uri, FIRST, {"eval_version": "d1"})
+    better = promote(params, model_uri, {**FIRST, "knn_top1": 0.85}, {"eval_version": "d1"})
     assert first.promoted and better.promoted and better.previous_production == first.version
     production = version_by_alias(client, "server-encoder", "production")
     assert production is not None and str(production.version) == better.version

@@ -1,0 +1,57 @@
+"""The benchmark stage: a fixed labelled set, apart from the training stream, that every model
+is scored on (eval.benchmark). Sharded once by the shard stage's own code into
+eval.benchmark_dir, where DVC versions it; a re-run is a no-op while the set is unchanged.
+
+A team's own images arrive unlabelled, so the labelled protocols (kNN, probes, few-shot,
+robustness) need labels from somewhere else: a built-in set (fashion-mnist, digits) or a folder
+with train/ and test/ class folders. The transfer probe's dataset is sharded the same way.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.config import Params
+from pipeline.shard import ShardSummary, shard
+from pipeline.sources import SPLIT_FOLDERS, SourceError
+
+
+def shard_reference(
+    params: Params, source: str, shards_dir: str, *, train_limit: int = 0, test_limit: int = 0
+) -> ShardSummary:
+    """Shard a labelled reference set (idempotent: current shards are not rewritten)."""
+    folder = Path(source)
+    if source not in ("fashion-mnist", "digits"):
+        splits = {p.name for p in folder.iterdir() if p.is_dir()} if folder.is_dir() else set()
+        if not {"train", "test"} <= splits or not splits <= set(SPLIT_FOLDERS):
+            raise SourceError(
+                f"eval.benchmark={source!r}: expected fashion-mnist, digits or a folder holding "
+                "train/ and test/ with one sub-folder per class; fix eval.benchmark"
+            )
+    data = params.data.model_copy(
+        update={
+            "source": source,
+            "shards_dir": shards_dir,
+            "train_limit": train_limit,
+            "test_limit": test_limit,
+            "labels": "folders",
+            "holdout_percent": 0.0,
+            "image_mode": "auto",
+        }
+    )
+    return shard(params.model_copy(update={"data": data}))
+
+
+def benchmark(params: Params) -> ShardSummary | None:
+    """Shard eval.benchmark into eval.benchmark_dir; None when no benchmark is configured
+    (the labelled protocols then use the source's own labelled splits, if it has any)."""
+    e = params.eval
+    if not e.benchmark:
+        return None
+    return shard_reference(
+        params,
+        e.benchmark,
+        e.benchmark_dir,
+        train_limit=e.benchmark_train_limit,
+        test_limit=e.benchmark_test_limit,
+    )
