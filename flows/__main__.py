@@ -1,20 +1,40 @@
-"""`python -m flows {retrain,sweep} [--params FILE]`: run a flow once, here (`make run` runs
-retrain)."""
+"""`python -m flows {retrain,sweep} [--params FILE] [--set key=value ...]`: run a flow once,
+here (`make run` runs retrain). The settings are checked before the flow starts."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 from flows.retrain import retrain
 from flows.sweep import sweep
+from pipeline.config import ConfigError, load_params
+from pipeline.errors import StageError
+from pipeline.evaluation.data import NoEvaluationData, require_evaluable
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m flows", description=__doc__)
     parser.add_argument("flow", choices=["retrain", "sweep"])
     parser.add_argument("--params", default="params.yaml")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a setting, as mocopipe takes it (repeatable)",
+    )
     args = parser.parse_args()
-    {"retrain": retrain, "sweep": sweep}[args.flow](params_file=args.params)
+    try:
+        require_evaluable(load_params(args.params, args.overrides), sharded=False)
+    except (ConfigError, NoEvaluationData) as error:
+        sys.exit(f"error: {error}")
+    run = {"retrain": retrain, "sweep": sweep}[args.flow]
+    try:
+        run(params_file=args.params, overrides=args.overrides)
+    except (NoEvaluationData, StageError) as error:  # a refusal, already one line
+        sys.exit(f"error: {error}")
 
 
 if __name__ == "__main__":

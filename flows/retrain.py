@@ -8,6 +8,7 @@ dvc.lock as they were (the DVC remote may hold extra, unreferenced blobs).
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 
 from prefect import flow
@@ -15,6 +16,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows.lock import project_lock, restored_on_failure
 from flows.tasks import (
+    benchmark_task,
     pretrain_and_evaluate,
     promote_task,
     push_task,
@@ -23,6 +25,7 @@ from flows.tasks import (
 )
 from pipeline.config import Params, load_params
 from pipeline.dataset import data_version
+from pipeline.evaluation.data import require_evaluable
 from pipeline.pretrain import warm_start_or_scratch
 from pipeline.shard import ShardSummary
 from pipeline.summary import retrain_summary
@@ -44,20 +47,27 @@ def _shard(params: Params) -> tuple[ShardSummary, bool]:
 
 
 @flow(name="retrain", log_prints=True)
-def retrain(params_file: str = "params.yaml") -> str:
-    """Retrain the encoder on the current data and promote it if it beats production."""
-    params = load_params(params_file)
+def retrain(params_file: str = "params.yaml", overrides: list[str] | None = None) -> str:
+    """Retrain the encoder on the current data and promote it if it beats production.
+
+    `overrides` are `key=value` settings, as `mocopipe --set` takes them."""
+    params = load_params(params_file, overrides)
     with project_lock(), restored_on_failure(Path("dvc.lock")):
         sharded, cached = _shard(params)
         print("shard: skipped, inputs unchanged (cached)" if cached else sharded.render())
+        benchmarked = benchmark_task(params)
+        if benchmarked is not None:
+            print(benchmarked.render())
+        require_evaluable(params)  # a refusal now, not a traceback after minutes of training
         params, init = warm_start_or_scratch(params)
         print(init)
-        trained, report = pretrain_and_evaluate(params)
+        run_name = f"retrain-{datetime.now(UTC):%Y%m%d-%H%M}-{data_version(params.data.shards_dir)}"
+        trained, report = pretrain_and_evaluate(params, run_name)
         # everything that can fail runs before promote, the one step that acts outside the
         # project: a failure until then leaves @production as it was and dvc.lock is restored
-        version_task("shard", "pretrain", "evaluate")
+        version_task("shard", "benchmark", "pretrain", "evaluate")
         push_task()
-        decision = promote_task(params, trained.model_uri, report.metrics, report.data_version)
+        decision = promote_task(params, trained.model_uri, report.metrics, report.versions)
         version_task("promote")
     summary = retrain_summary(sharded, trained, report, decision, cached=cached, init=init)
     create_markdown_artifact(key="retrain-summary", markdown=summary, description="retrain")

@@ -13,16 +13,21 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from flows.lock import project_lock
-from flows.tasks import pretrain_and_evaluate, promote_task, tune_task
+from flows.tasks import benchmark_task, pretrain_and_evaluate, promote_task, tune_task
 from pipeline.config import load_params, with_overrides
+from pipeline.evaluation.data import require_evaluable
 from pipeline.summary import sweep_summary
 
 
 @flow(name="sweep", log_prints=True)
-def sweep(params_file: str = "params.yaml", resume: bool = False) -> str:
+def sweep(
+    params_file: str = "params.yaml", overrides: list[str] | None = None, resume: bool = False
+) -> str:
     """Sweep MoCo's hyperparameters, retrain the best config, and let the gate decide."""
-    params = load_params(params_file)
+    params = load_params(params_file, overrides)
     with project_lock():
+        benchmark_task(params)
+        require_evaluable(params)
         swept = tune_task(params, resume=resume)
         print(swept.render())
         out = Path(params.tune.storage_path) / swept.name / "best"
@@ -36,12 +41,12 @@ def sweep(params_file: str = "params.yaml", resume: bool = False) -> str:
             },
             keep_space=True,
         )
-        trained, report = pretrain_and_evaluate(best)
+        trained, report = pretrain_and_evaluate(best, f"sweep-{swept.name}-best")
         decision = promote_task(
             best,
             trained.model_uri,
             report.metrics,
-            report.data_version,
+            report.versions,
             decision_file=str(out / "promotion.json"),
         )
     summary = sweep_summary(swept, trained, report, decision)

@@ -13,7 +13,7 @@ from typing import Any
 
 from prefect import task
 
-from pipeline import evaluate, pretrain, promote, shard, tune, versioning
+from pipeline import benchmark, evaluate, pretrain, promote, shard, tune, versioning
 from pipeline.config import Params
 
 
@@ -30,6 +30,7 @@ shard_task = task(
     cache_expiration=timedelta(days=90),
     persist_result=True,  # the cached summary outlives the run (stack notes: Prefect caching)
 )
+benchmark_task = task(benchmark.benchmark, name="benchmark", retries=1, retry_delay_seconds=10)
 version_task = task(versioning.record_stages, name="dvc-commit", retries=2, retry_delay_seconds=5)
 push_task = task(versioning.push, name="dvc-push", retries=3, retry_delay_seconds=[10, 30, 90])
 pretrain_task = task(pretrain.pretrain, name="pretrain", timeout_seconds=12 * 3600)
@@ -42,7 +43,8 @@ promote_task = task(promote.promote, name="promote", timeout_seconds=3600)
 tune_task = task(tune.sweep, name="tune", timeout_seconds=48 * 3600)
 
 
-def pretrain_and_evaluate(params: Params):
-    """The shared middle of both flows: train, then measure next to the references."""
-    trained = pretrain_task(params)
+def pretrain_and_evaluate(params: Params, run_name: str):
+    """The shared middle of both flows: train (an MLflow run called `run_name`), then measure
+    next to the references."""
+    trained = pretrain_task(params, run_name=run_name)
     return trained, evaluate_task(params, trained.encoder_dir)

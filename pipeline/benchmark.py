@@ -44,9 +44,11 @@ def shard_reference(
 
 def benchmark(params: Params) -> ShardSummary | None:
     """Shard eval.benchmark into eval.benchmark_dir; None when no benchmark is configured
-    (the labelled protocols then use the source's own labelled splits, if it has any)."""
+    (the labelled protocols then use the source's own labelled splits, if it has any, and the
+    folder stays empty)."""
     e = params.eval
     if not e.benchmark:
+        Path(e.benchmark_dir).mkdir(parents=True, exist_ok=True)  # DVC's output, kept empty
         return None
     return shard_reference(
         params,

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
+import mlflow
 import torch
 from mlflow.tracking import MlflowClient
 from rich.progress import Progress
@@ -64,7 +65,7 @@ from pipeline.evaluation.probes import (
 from pipeline.evaluation.robustness import robustness_metrics
 from pipeline.evaluation.supervised import SupervisedBudget, train_supervised
 from pipeline.registry import production_model
-from pipeline.tracking import log_eval_metrics, run_id_of, setup_mlflow
+from pipeline.tracking import log_dataset, log_eval_metrics, run_id_of, setup_mlflow
 
 REFERENCES = keys.REFERENCES
 
@@ -505,5 +506,20 @@ def _record(params: Params, model: str, report: EvalReport) -> None:
     setup_mlflow(params)
     client = MlflowClient()
     log_eval_metrics(client, run_id, report.metrics)
+    _log_eval_datasets(params, run_id, report.versions)
     for path in report.plots:
         client.log_artifact(run_id, str(path), artifact_path="eval_plots")
+
+
+def _log_eval_datasets(params: Params, run_id: str, found: dict[str, str]) -> None:
+    """The benchmark and the held-out slice as the run's evaluation datasets (lineage in the
+    MLflow UI, next to the training stream that pretrain recorded)."""
+    labelled = labelled_dir(params)
+    with mlflow.start_run(run_id=run_id):
+        if labelled is not None and found.get("benchmark_version"):
+            name = params.eval.benchmark or "labelled-splits"
+            log_dataset(labelled, name, found["benchmark_version"], "evaluation")
+        if found.get("heldout_version"):
+            log_dataset(
+                params.data.shards_dir, "heldout-slice", found["heldout_version"], "evaluation"
+            )

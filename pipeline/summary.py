@@ -4,6 +4,7 @@ artifacts)."""
 from __future__ import annotations
 
 from pipeline.evaluate import REFERENCES, EvalReport
+from pipeline.evaluation import keys
 from pipeline.pretrain import PretrainResult
 from pipeline.promote import Decision
 from pipeline.shard import ShardSummary
@@ -32,7 +33,7 @@ def retrain_summary(
     columns += list(REFERENCES)
     rows = []
     for name, value in report.metrics.items():
-        if name.startswith(REFERENCES):
+        if name.startswith(REFERENCES) or name in keys.NOT_GATEABLE:
             continue
         cells = [value, *([production.get(name)] if production else [])]
         cells += [report.metrics.get(f"{ref}_{name}") for ref in REFERENCES]
@@ -40,11 +41,15 @@ def retrain_summary(
     verdict = "promoted to `@production`" if decision.promoted else "not promoted (`@challenger`)"
     new = ", ".join(f"{split} +{r['new_samples']} new" for split, r in sharded.splits.items())
     shards = "sharding skipped: inputs unchanged" if cached else f"sharded: {new}"
+    benchmark = report.versions.get("benchmark_version")
+    measured = f"benchmark `{benchmark}`" if benchmark else "no labelled benchmark"
     return "\n".join(
         [
             "## moco-pipeline retrain",
             "",
-            f"- data version: `{report.data_version}` ({shards})",
+            f"- data version: `{report.data_version}` ({shards}{_quarantined(sharded)})",
+            f"- scored on: {measured}, eval data `{report.eval_version}`",
+            f"- change: {_change(report.metrics)}",
             f"- MLflow run: `{trained.run_id}` ({init or 'from scratch'})",
             f"- model `{decision.model_name}` v{decision.version} (`{trained.model_uri}`): "
             f"{verdict}",
@@ -57,6 +62,30 @@ def retrain_summary(
             "Look further: `mlflow ui --backend-store-uri sqlite:///mlflow.db` · "
             "`dvc metrics show` · `prefect server start`",
         ]
+    )
+
+
+def _quarantined(sharded: ShardSummary) -> str:
+    new = sum(len(entries) for entries in sharded.new_quarantine.values())
+    return f"; {new} new file(s) quarantined" if new else ""
+
+
+def _change(metrics: dict[str, float]) -> str:
+    """ "The data changed this much, and the model moved this much", or why not measured."""
+    if keys.AGREEMENT not in metrics:
+        return "no production model to compare with yet"
+    moved = (
+        f"the model shares {metrics[keys.AGREEMENT]:.0%} of production's nearest neighbours "
+        "on the held-out slice"
+    )
+    if keys.DRIFT_MMD not in metrics:
+        return f"no new training images since production's data; {moved}"
+    verdict = "differ from" if metrics[keys.DRIFT_P] < 0.05 else "look like"
+    return (
+        f"the {int(metrics['drift_new_samples'])} new images sampled {verdict} the "
+        f"{int(metrics['drift_old_samples'])} production was trained on (MMD^2 "
+        f"{metrics[keys.DRIFT_MMD]:.4f}, p={metrics[keys.DRIFT_P]:.3f}, in production's "
+        f"embedding space); {moved}"
     )
 
 

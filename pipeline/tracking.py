@@ -10,10 +10,13 @@ import json
 import os
 import subprocess
 import time
+import warnings
 from pathlib import Path
 
 import mlflow
 import torch
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
@@ -72,6 +75,17 @@ def log_eval_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float
     rows = [Metric(f"{EVAL_PREFIX}{k}", float(v), now, 0) for k, v in metrics.items()]
     for start in range(0, len(rows), 500):  # log_batch takes at most 1000 metrics
         client.log_batch(run_id, metrics=rows[start : start + 500])
+
+
+def log_dataset(location: str, name: str, digest: str, context: str) -> None:
+    """Record data on the active run as an MLflow dataset input (what the UI shows under
+    "Datasets"): `location` as its source (a local folder or s3://...), the data version as
+    its digest, `context` training or evaluation."""
+    source = location if "://" in location else str(Path(location).resolve())
+    with warnings.catch_warnings():  # a folder is not a file format MLflow knows: it warns
+        warnings.simplefilter("ignore")
+        dataset = MetaDataset(resolve_dataset_source(source), name=name, digest=digest)
+    mlflow.log_input(dataset, context=context)
 
 
 def git_commit() -> str:

@@ -16,6 +16,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from itertools import accumulate
+from pathlib import Path
 
 from pipeline.config import Params
 from pipeline.dataset import data_version, read_manifest, shard_urls
@@ -115,22 +116,29 @@ def versions(params: Params) -> dict[str, str]:
     return found
 
 
-def require_evaluable(params: Params) -> None:
-    """Refuse, before any training, an evaluation that cannot produce the gate's metric."""
+def require_evaluable(params: Params, *, sharded: bool = True) -> None:
+    """Refuse, before any training, an evaluation that cannot produce the gate's metric.
+
+    `sharded=False` checks what the settings alone tell (a flow's first step, before sharding):
+    an unlabelled folder with no benchmark cannot give a labelled metric."""
     metric = params.registry.primary_metric
     if metric in keys.NOT_GATEABLE:
         raise NoEvaluationData(
             f"registry.primary_metric={metric} compares with production, it does not rank "
             "models; gate on a quality metric such as knn_top1 or rankme"
         )
-    if keys.needs_labels(metric) and labelled_dir(params) is None:
+    unlabelled_folder = Path(params.data.source).is_dir() and params.data.labels == "none"
+    no_labels = not params.eval.benchmark and unlabelled_folder
+    if sharded:
+        no_labels = labelled_dir(params) is None
+    if keys.needs_labels(metric) and no_labels:
         raise NoEvaluationData(
             f"registry.primary_metric={metric} needs labels, but {params.data.shards_dir} has no "
             "labelled train/test splits (data.labels=none) and eval.benchmark is empty; set "
             "eval.benchmark=fashion-mnist (or a labelled folder), or gate on a label-free metric: "
             "registry.primary_metric=rankme"
         )
-    if not keys.needs_labels(metric) and heldout_slice(params) is None:
+    if sharded and not keys.needs_labels(metric) and heldout_slice(params) is None:
         raise NoEvaluationData(
             f"registry.primary_metric={metric} is label-free but {params.data.shards_dir} holds "
             "no held-out split (holdout or test) or eval.label_free_samples is 0; set "

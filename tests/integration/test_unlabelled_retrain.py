@@ -1,0 +1,162 @@
+"""The scenario the pipeline exists for: unlabelled images land in dated folders every day, a
+scheduled retrain shards only the new ones, warm-starts from production, is scored on a fixed
+labelled benchmark (or, with no labels anywhere, on label-free metrics) and reports drift.
+
+Real Ray Train (2 workers), MLflow (SQLite + registry), Prefect (ephemeral server) and DVC.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+from integration_helpers import FLOW, ROOT, make_project
+from mlflow.tracking import MlflowClient
+from prefect.artifacts import Artifact
+
+from pipeline.config import DataParams
+from pipeline.registry import PRODUCTION
+from pipeline.sources import fashion_mnist
+
+pytestmark = pytest.mark.integration
+DAY = 1000
+WARM = "train.init_from=models:/moco-encoder@production"
+UNLABELLED = {
+    "data": {"source": "incoming", "labels": "none", "holdout_percent": 10, "min_shards": 2},
+    "eval": {
+        **FLOW["eval"],
+        "benchmark_train_limit": 1024,
+        "benchmark_test_limit": 256,
+        "label_free_samples": 150,
+        "drift_samples": 200,
+        "drift_permutations": 50,
+    },
+    "train": {"epochs": 1},
+}
+BROKEN = {"empty.png": b"", "notes.jpg": b"not a JPEG\n", "cut.png": None}
+
+
+def _drop(root: Path, day: str, start: int) -> None:
+    """Fashion-MNIST training images start..start+DAY as unlabelled PNGs in incoming/<day>/
+    (from past the benchmark's first 1024, so the stream and the benchmark do not overlap)."""
+    images = fashion_mnist(Path(DataParams().fashion_mnist_dir), {"train": 0, "test": 0})
+    folder = root / "incoming" / day
+    folder.mkdir(parents=True)
+    for candidate in images.splits["train"][10_000 + start : 10_000 + start + DAY]:
+        (folder / f"{candidate.ref.replace('#', '-')}.png").write_bytes(candidate.read())
+
+
+def _broken(folder: Path) -> None:
+    for name, data in BROKEN.items():
+        whole = next(folder.glob("*.png")).read_bytes()
+        (folder / name).write_bytes(whole[: len(whole) // 2] if data is None else data)
+
+
+def _read(project: Path, name: str) -> dict:
+    return json.loads((project / name).read_text())
+
+
+@pytest.fixture
+def stream(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    folder = make_project(tmp_path / "project", UNLABELLED)
+    monkeypatch.chdir(folder)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return folder
+
+
+def test_daily_unlabelled_drops_retrain_on_a_benchmark_then_on_label_free_metrics(
+    stream: Path, ray_cluster: None
+) -> None:
+    from flows.retrain import retrain
+
+    overrides = ["data.labels=none", "eval.benchmark=fashion-mnist"]
+    _drop(stream, "2026-11-30", 0)
+    state = retrain(params_file="params.yaml", overrides=overrides, return_state=True)
+    assert state.is_completed(), state.message
+
+    train = _read(stream, "data/shards/train/manifest.json")
+    holdout = _read(stream, "data/shards/holdout/manifest.json")
+    assert train["classes"] == [] and train["label_counts"] == {}  # no label from the dates
+    assert train["samples"] + holdout["samples"] == DAY and 50 <= holdout["samples"] <= 150
+    bench = _read(stream, "data/benchmark/test/manifest.json")
+    assert bench["samples"] == 256 and len(bench["classes"]) == 10
+    day1 = _read(stream, "metrics.json")
+    assert day1["benchmark_version"] and 0.0 < day1["knn_top1"] <= 1.0
+    assert day1["rankme"] >= 1.0 and "drift_mmd2" not in day1  # nothing to compare with yet
+
+    mlflow.set_tracking_uri(f"sqlite:///{stream / 'mlflow.db'}")
+    client = MlflowClient()
+    run_id = _read(stream, "models/encoder/run.json")["run_id"]
+    run = client.get_run(run_id)
+    assert run.info.run_name.startswith("retrain-") and run.info.run_name.endswith(
+        day1["data_version"]
+    )
+    inputs = {(d.dataset.name, d.dataset.digest) for d in run.inputs.dataset_inputs}
+    assert ("train-stream", day1["data_version"]) in inputs
+    assert ("fashion-mnist", day1["benchmark_version"]) in inputs
+    first = _read(stream, "promotion.json")
+    if not first["promoted"]:  # a 1-epoch toy may not beat random init; this is about records
+        client.set_registered_model_alias("moco-encoder", PRODUCTION, first["version"])
+
+    # day 2: more images and a few broken files; warm start from production
+    old_shards = {p.name: p.read_bytes() for p in (stream / "data/shards/train").glob("*.tar")}
+    _drop(stream, "2026-12-01", DAY)
+    _broken(stream / "incoming/2026-12-01")
+    state = retrain(params_file="params.yaml", overrides=[*overrides, WARM], return_state=True)
+    assert state.is_completed(), state.message
+
+    train2 = _read(stream, "data/shards/train/manifest.json")
+    holdout2 = _read(stream, "data/shards/holdout/manifest.json")
+    assert train2["samples"] + holdout2["samples"] == 2 * DAY
+    for name, data in old_shards.items():  # only the new images were sharded
+        assert (stream / "data/shards/train" / name).read_bytes() == data
+    reasons = {q["path"]: q["reason"] for q in train2["quarantine"] + holdout2["quarantine"]}
+    assert set(reasons) == {f"2026-12-01/{name}" for name in BROKEN}
+    assert "empty" in reasons["2026-12-01/empty.png"]
+    assert "not an image" in reasons["2026-12-01/notes.jpg"]
+    assert "truncated" in reasons["2026-12-01/cut.png"]
+    day2 = _read(stream, "metrics.json")
+    assert day2["benchmark_version"] == day1["benchmark_version"]  # the same fixed benchmark
+    assert 0.0 <= day2["drift_p_value"] <= 1.0 and day2["drift_new_samples"] > 0
+    assert 0.0 <= day2["agreement_production"] <= 1.0
+    second = _read(stream, "promotion.json")
+    assert f"vs production v{first['version']}" in second["reason"]
+    summary = Artifact.get("retrain-summary").data
+    assert "warm start from models:/moco-encoder@production" in summary
+    assert "MMD^2" in summary and "3 new file(s) quarantined" in summary
+    version = client.get_model_version("moco-encoder", second["version"])
+    assert version.tags["benchmark_version"] == day1["benchmark_version"]
+    assert second["reason"] in version.description
+
+    # no labels anywhere: no benchmark, gated on the effective rank of the embeddings
+    production = client.get_model_version_by_alias("moco-encoder", PRODUCTION).version
+    label_free = ["eval.benchmark=''", "registry.primary_metric=rankme", WARM]
+    state = retrain(params_file="params.yaml", overrides=label_free, return_state=True)
+    assert state.is_completed(), state.message
+    day3 = _read(stream, "metrics.json")
+    assert "knn_top1" not in day3 and day3["benchmark_version"] == ""
+    third = _read(stream, "promotion.json")
+    assert third["metric"] == "rankme" and f"vs production v{production}" in third["reason"]
+
+
+def test_a_flow_that_could_not_evaluate_is_refused_before_training(tmp_path: Path) -> None:
+    project = make_project(tmp_path / "project", UNLABELLED)
+    _drop(project, "2026-11-30", 0)
+    out = subprocess.run(
+        [sys.executable, "-m", "flows", "retrain", "--set", "data.labels=none"],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert out.returncode != 0
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: registry.primary_metric=knn_top1 needs labels")
+    assert "eval.benchmark=fashion-mnist" in last
+    assert not (project / "runs/ray").exists() and not (project / "models").exists()
