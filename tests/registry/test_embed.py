@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import mlflow
 import pyarrow.parquet as pq
 import pytest
 import torch
+from PIL import Image
 from registry_helpers import (
     BAD_IMAGES,
     FEATURES,
@@ -44,6 +46,25 @@ def test_folder_rows_match_valid_images_and_bad_ones_are_quarantined(
         assert BAD_IMAGES[entry["path"]] in entry["reason"]
     assert (summary.rows, summary.quarantined) == (len(GOOD_IMAGES), len(BAD_IMAGES))
     assert not list(out.parent.glob("*.partial"))
+
+
+def test_any_layout_gives_a_row_per_valid_file_copies_included(
+    make_params: Callable[..., Params], store: Store, tmp_path: Path
+) -> None:
+    """Images at the top level and at any depth, in any common format; a byte-identical copy
+    is a file of its own with its own row (and the same embedding)."""
+    images = write_images(tmp_path / "images")
+    Image.new("L", (8, 8), 33).save(images / "top.png")
+    Image.new("RGB", (9, 9), (1, 2, 3)).save(images / "top.gif")
+    shutil.copyfile(images / "a/gray.png", images / "b/nested/gray_copy.png")
+    out = tmp_path / "emb.parquet"
+
+    summary = embed(make_params(), str(store.encoder_dir), images, out, device="cpu")
+
+    rows = {row["key"]: row["embedding"] for row in read_rows(out)}
+    assert sorted(rows) == sorted([*GOOD_IMAGES, "top.png", "top.gif", "b/nested/gray_copy.png"])
+    assert rows["b/nested/gray_copy.png"] == rows["a/gray.png"]
+    assert summary.quarantined == len(BAD_IMAGES)
 
 
 def test_embedding_is_the_encoders_output_for_that_image(
