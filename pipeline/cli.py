@@ -16,6 +16,7 @@ import typer
 
 from pipeline.config import ConfigError, Params, load_params
 from pipeline.errors import StageError
+from pipeline.preflight import check_endpoints
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
@@ -28,6 +29,13 @@ SetOpt = Annotated[
 
 def _params(params: Path, overrides: list[str] | None) -> Params:
     return load_params(params, overrides or [])
+
+
+def _checked(config: Params, *, ray: bool = False, address: str | None = None) -> Params:
+    """Probe the remote endpoints before the stage's imports: a refusal then takes a second,
+    not the ten that importing torch, Ray and MLflow takes."""
+    check_endpoints(config, ray=ray, address=address)
+    return config
 
 
 def _clean_errors(command: Callable) -> Callable:
@@ -71,15 +79,11 @@ def pretrain(
     ] = None,
 ) -> None:
     """MoCo pretraining on Ray Train; logs the run and the encoder to MLflow."""
+    extra = [f"train.init_from={init_from}"] if init_from else []
+    config = _checked(_params(params, [*(overrides or []), *extra]), ray=True, address=address)
     from pipeline.pretrain import pretrain as run_pretrain
 
-    extra = [f"train.init_from={init_from}"] if init_from else []
-    result = run_pretrain(
-        _params(params, [*(overrides or []), *extra]),
-        resume=resume,
-        address=address,
-        max_failures=max_failures,
-    )
+    result = run_pretrain(config, resume=resume, address=address, max_failures=max_failures)
     typer.echo(result.render())
 
 
@@ -92,9 +96,10 @@ def tune(
     address: Annotated[str | None, typer.Option(help="Ray cluster (or RAY_ADDRESS).")] = None,
 ) -> None:
     """Ray Tune sweep (ASHA) over params.yaml's tune.space; writes the best config."""
+    config = _checked(_params(params, overrides), ray=True, address=address)
     from pipeline.tune import sweep
 
-    typer.echo(sweep(_params(params, overrides), resume=resume, address=address).render())
+    typer.echo(sweep(config, resume=resume, address=address).render())
 
 
 @app.command()
@@ -107,9 +112,10 @@ def evaluate(
     overrides: SetOpt = None,
 ) -> None:
     """Frozen-encoder metrics next to the raw-pixel and random-init references."""
+    config = _checked(_params(params, overrides))
     from pipeline.evaluate import evaluate as run_evaluate
 
-    typer.echo(run_evaluate(_params(params, overrides), model).render())
+    typer.echo(run_evaluate(config, model).render())
 
 
 @app.command()
@@ -125,10 +131,10 @@ def promote(
     ),
 ) -> None:
     """Register the candidate; move @production only if it passes the gate."""
+    config = _checked(_params(params, overrides))
     from pipeline.promote import promote as run_promote
     from pipeline.tracking import exported_run
 
-    config = _params(params, overrides)
     if not metrics.exists():
         raise FileNotFoundError(f"{metrics}: no evaluation found; run `mocopipe evaluate` first")
     values = json.loads(metrics.read_text())
@@ -145,9 +151,10 @@ def rollback(
     reason: Annotated[str, typer.Option(help="Why; recorded on the versions.")] = "",
 ) -> None:
     """Move @production back to @previous (the version it replaced); writes promotion.json."""
+    config = _checked(_params(params, overrides))
     from pipeline.promote import rollback as run_rollback
 
-    typer.echo(run_rollback(_params(params, overrides), reason=reason).render())
+    typer.echo(run_rollback(config, reason=reason).render())
 
 
 @app.command()
@@ -166,10 +173,12 @@ def embed(
     overrides: SetOpt = None,
 ) -> None:
     """One embedding row per valid image (Parquet); bad images are quarantined beside it."""
-    from pipeline.embed import embed as run_embed
-
     config = _params(params, overrides)
     model = model or f"models:/{config.registry.model_name}@production"
+    if model.startswith(("models:/", "runs:/")):  # an encoder folder needs no tracking store
+        _checked(config)
+    from pipeline.embed import embed as run_embed
+
     summary = run_embed(config, model, source, out, device=device, batch_size=batch_size)
     typer.echo(summary.render())
 

@@ -30,6 +30,7 @@ from pipeline.dataset import data_version, read_manifest, shard_urls, steps_per_
 from pipeline.encoder import RUN_FILE, SPEC_FILE, WEIGHTS_FILE
 from pipeline.errors import StageError
 from pipeline.plots import plot_training_curves
+from pipeline.preflight import check_endpoints
 from pipeline.ray_cluster import check_resources, ensure_ray
 from pipeline.tracking import (
     end_run_failed,
@@ -171,6 +172,7 @@ def pretrain(
     params: Params, *, resume: bool = False, address: str | None = None, max_failures: int = 0
 ) -> PretrainResult:
     """Train MoCo on the train shards; returns the MLflow run and the exported encoder."""
+    check_endpoints(params)  # and ensure_ray checks the Ray address, before Ray starts
     worker_config = plan(params)
     t = params.train
     check_resources(ensure_ray(address), t.num_workers, t.cpus_per_worker, t.use_gpu)

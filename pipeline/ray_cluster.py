@@ -1,10 +1,13 @@
-"""Connecting to Ray: a local cluster by default, an existing one when RAY_ADDRESS is set."""
+"""Connecting to Ray: a local instance by default, an existing cluster when RAY_ADDRESS or
+--address names one (checked to answer first)."""
 
 from __future__ import annotations
 
 import os
 
 import ray
+
+from pipeline.preflight import check_ray_address
 
 # A worker group that cannot be placed fails fast instead of hanging (stack notes: a Tune +
 # Train placement-group leak once made trial 2 wait forever).
@@ -14,15 +17,21 @@ os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "120")
 def ensure_ray(address: str | None = None) -> dict[str, float]:
     """Start or join Ray once per process; returns the cluster's resources.
 
-    The dashboard is on (bound to 127.0.0.1): without it, Tune + Train leaked placement groups
-    on this machine.
+    Without an address this starts its own instance (`address="local"`): a plain ray.init()
+    would join whatever /tmp/ray/ray_current_cluster names, even a head that died without
+    `ray stop`, and hang on it. The dashboard is on (bound to 127.0.0.1): without it, Tune +
+    Train leaked placement groups on this machine.
     """
     if not ray.is_initialized():
-        address = address or os.environ.get("RAY_ADDRESS")
-        if address:
-            ray.init(address=address, log_to_driver=True)
+        if target := check_ray_address(address):
+            ray.init(address=target, log_to_driver=True)
         else:
-            ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
+            ray.init(
+                address="local",
+                include_dashboard=True,
+                dashboard_host="127.0.0.1",
+                log_to_driver=True,
+            )
     return ray.cluster_resources()
 
 

@@ -25,6 +25,7 @@ from pipeline.config import Choice, Params, Range, TuneParams, dump_params, with
 from pipeline.dataset import data_version
 from pipeline.errors import StageError
 from pipeline.plots import plot_parallel_coordinates
+from pipeline.preflight import check_endpoints
 from pipeline.pretrain import EpochReporter, build_trainer, fit, plan
 from pipeline.ray_cluster import ensure_ray
 from pipeline.tracking import end_run_failed, git_commit, setup_mlflow, tracking_uri
@@ -186,6 +187,7 @@ def _experiment(params: Params, storage: Path, resume: bool) -> tuple[str, Path]
 
 def sweep(params: Params, *, resume: bool = False, address: str | None = None) -> SweepResult:
     """Run (or resume) the sweep in `params.tune`; returns the best config and every trial."""
+    check_endpoints(params)  # and ensure_ray checks the Ray address, before Ray starts
     tp = params.tune
     if not tp.space:
         raise ValueError("tune.space is empty: name at least one setting to sweep")

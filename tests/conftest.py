@@ -10,3 +10,13 @@ def _own_tracking_uri(monkeypatch: pytest.MonkeyPatch) -> None:
     afterwards."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "unset")  # records the original, so undo restores
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
+
+
+@pytest.fixture
+def closed_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on (an endpoint that is down)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

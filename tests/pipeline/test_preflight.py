@@ -1,0 +1,184 @@
+"""Remote endpoints are checked before any work starts: a refusal is one line, in seconds, that
+names the setting and the endpoint and never a credential. Real sockets and HTTP servers on
+127.0.0.1; nothing is mocked."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import load_params
+from pipeline.errors import StageError
+from pipeline.preflight import check_endpoints, check_ray_address
+
+ROOT = Path(__file__).resolve().parents[2]
+MOCOPIPE = str(Path(sys.executable).with_name("mocopipe"))
+
+
+@pytest.fixture
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    for name in ("RAY_ADDRESS", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(name, raising=False)
+    return tmp_path
+
+
+def run_cli(
+    project: Path, args: list[str], **env: str
+) -> tuple[subprocess.CompletedProcess, float]:
+    """`mocopipe ARGS` as a user runs it, with its own Ray temp dir; returns it and its time."""
+    environ = os.environ | {"RAY_TMPDIR": str(project / "raytmp"), **env}
+    started = time.monotonic()
+    done = subprocess.run(
+        [MOCOPIPE, *args], cwd=project, env=environ, capture_output=True, text=True, timeout=120
+    )
+    return done, time.monotonic() - started
+
+
+def test_unreachable_tracking_server_is_refused_before_ray_starts(
+    project: Path, closed_port: int
+) -> None:
+    uri = f"http://127.0.0.1:{closed_port}"
+    done, seconds = run_cli(project, ["pretrain"], MLFLOW_TRACKING_URI=uri)
+
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"error: MLFLOW_TRACKING_URI={uri}: nothing answers at {uri.removeprefix('http://')} "
+        "(connection refused); start the server or fix MLFLOW_TRACKING_URI"
+    ]
+    assert seconds < 10, f"refused after {seconds:.1f} s"
+    assert not (project / "raytmp").exists()  # Ray never started: it makes its folder first
+    print(f"unreachable MLflow refused in {seconds:.1f} s")
+
+
+@pytest.mark.parametrize(
+    ("setting", "args", "env_name"),
+    [("RAY_ADDRESS", [], "RAY_ADDRESS"), ("--address", ["--address"], None)],
+)
+def test_a_ray_cluster_that_does_not_answer_is_refused_in_seconds(
+    project: Path, closed_port: int, setting: str, args: list[str], env_name: str | None
+) -> None:
+    address = f"127.0.0.1:{closed_port}"
+    env = {env_name: address} if env_name else {}
+    done, seconds = run_cli(project, ["pretrain", *args, *([address] if args else [])], **env)
+
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith(f"error: {setting}={address}: nothing answers at {address}")
+    assert seconds < 10, f"refused after {seconds:.1f} s"
+    assert not (project / "raytmp").exists()
+    print(f"{setting} of a dead cluster refused in {seconds:.1f} s")
+
+
+def test_ray_client_addresses_are_probed_on_their_port(project: Path, closed_port: int) -> None:
+    port = closed_port
+    with pytest.raises(StageError, match=f"--address=ray://127.0.0.1:{port}: nothing answers"):
+        check_ray_address(f"ray://127.0.0.1:{port}")
+    assert check_ray_address(None) is None  # no address: a local instance, nothing to probe
+
+
+class _Refusing(BaseHTTPRequestHandler):
+    """A server that answers every request with the status in the server's `status`."""
+
+    def do_GET(self) -> None:
+        self.server.paths.append(self.path)
+        self.send_response(self.server.status)
+        self.end_headers()
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def http_server() -> Iterator[HTTPServer]:
+    server = HTTPServer(("127.0.0.1", 0), _Refusing)
+    server.paths = []
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize(
+    ("status", "needle"),
+    [
+        (401, "the server refused our credentials (HTTP 401); fix MLFLOW_TRACKING_USERNAME"),
+        (404, "not an MLflow tracking server (HTTP 404 on /api/2.0/mlflow/experiments/search)"),
+    ],
+)
+def test_a_server_that_refuses_us_is_named_without_the_password(
+    project: Path,
+    http_server: HTTPServer,
+    monkeypatch: pytest.MonkeyPatch,
+    status: int,
+    needle: str,
+) -> None:
+    http_server.status = status
+    uri = f"http://127.0.0.1:{http_server.server_port}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "s3cret-pw")
+
+    with pytest.raises(StageError) as refused:
+        check_endpoints(load_params())
+
+    message = str(refused.value)
+    assert message.startswith(f"MLFLOW_TRACKING_URI={uri}: ") and needle in message
+    assert "s3cret-pw" not in message and "\n" not in message
+    assert len(http_server.paths) == 1  # one request: MLflow's retries are off for the probe
+
+
+def test_credentials_in_the_tracking_uri_are_never_printed(
+    project: Path, monkeypatch: pytest.MonkeyPatch, closed_port: int
+) -> None:
+    port = closed_port
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://alice:s3cret-pw@127.0.0.1:{port}/?token=t0k")
+
+    with pytest.raises(StageError) as refused:
+        check_endpoints(load_params())
+
+    assert str(refused.value).startswith(
+        f"MLFLOW_TRACKING_URI=http://127.0.0.1:{port}/: nothing answers at 127.0.0.1:{port}"
+    )
+    assert "s3cret" not in str(refused.value) and "t0k" not in str(refused.value)
+
+
+def test_an_object_store_endpoint_is_probed_only_for_s3_paths(
+    project: Path, monkeypatch: pytest.MonkeyPatch, closed_port: int
+) -> None:
+    endpoint = f"http://127.0.0.1:{closed_port}"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    check_endpoints(load_params())  # local paths (and sqlite): nothing to probe
+
+    with pytest.raises(StageError) as refused:
+        check_endpoints(load_params(overrides=["data.shards_dir=s3://bucket/shards"]))
+
+    assert str(refused.value) == (
+        f"AWS_ENDPOINT_URL={endpoint}: nothing answers at {endpoint.removeprefix('http://')} "
+        "(connection refused); start the object store or fix AWS_ENDPOINT_URL (used by "
+        "data.shards_dir)"
+    )
+
+
+def test_the_stages_check_before_they_start_ray(
+    project: Path, monkeypatch: pytest.MonkeyPatch, closed_port: int
+) -> None:
+    """The flows call the stage functions, not the CLI: they refuse the same way."""
+    from pipeline.pretrain import pretrain
+    from pipeline.tune import sweep
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{closed_port}")
+    for stage in (pretrain, sweep):
+        with pytest.raises(StageError, match=r"^MLFLOW_TRACKING_URI=.*nothing answers"):
+            stage(load_params())
