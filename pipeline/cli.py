@@ -72,7 +72,9 @@ def pretrain(
     overrides: SetOpt = None,
     resume: Annotated[bool, typer.Option(help="Continue the latest run.")] = False,
     address: Annotated[str | None, typer.Option(help="Ray cluster (or RAY_ADDRESS).")] = None,
-    max_failures: Annotated[int, typer.Option(help="Worker failures to survive.")] = 0,
+    max_failures: Annotated[
+        int | None, typer.Option(help="Worker losses to survive (default: train.max_failures).")
+    ] = None,
     init_from: Annotated[
         str | None,
         typer.Option(help="Warm start: an encoder folder or models:/moco-encoder@production."),
@@ -80,11 +82,12 @@ def pretrain(
 ) -> None:
     """MoCo pretraining on Ray Train; logs the run and the encoder to MLflow."""
     extra = [f"train.init_from={init_from}"] if init_from else []
+    if max_failures is not None:
+        extra.append(f"train.max_failures={max_failures}")
     config = _checked(_params(params, [*(overrides or []), *extra]), ray=True, address=address)
     from pipeline.pretrain import pretrain as run_pretrain
 
-    result = run_pretrain(config, resume=resume, address=address, max_failures=max_failures)
-    typer.echo(result.render())
+    typer.echo(run_pretrain(config, resume=resume, address=address).render())
 
 
 @app.command()

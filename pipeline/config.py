@@ -90,7 +90,12 @@ class TrainParams(_Section):
     use_gpu: bool = False
     loader_workers: int = Field(0, ge=0)  # DataLoader processes per Ray worker
     shuffle_buffer: int = Field(2000, ge=0)
-    checkpoint_every: int = Field(1, ge=1)
+    checkpoint_every: int = Field(1, ge=1)  # epochs
+    # Mid-epoch checkpoints (0 = off), so a lost worker costs minutes, not the epoch: every N
+    # optimizer steps and/or every M minutes of training (rank 0's clock decides for all ranks).
+    checkpoint_every_steps: int = Field(0, ge=0)
+    checkpoint_every_minutes: float = Field(1.0, ge=0.0)
+    max_failures: int = Field(1, ge=0)  # worker losses survived (each resumes from a checkpoint)
     storage_path: str = "runs/ray"  # Ray Train checkpoints (on a cluster: a shared mount)
     output_dir: str = "models/encoder"  # the final encoder + run.json (a DVC output)
     init_from: str = ""  # warm start: a checkpoint file or models:/moco-encoder@production

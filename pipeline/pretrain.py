@@ -40,7 +40,7 @@ from pipeline.tracking import (
     setup_mlflow,
     tracking_uri,
 )
-from pipeline.train_worker import WorkerConfig, train_loop
+from pipeline.train_worker import WorkerConfig, is_mid_epoch, train_loop
 
 LATEST_RUN_FILE = "latest-pretrain.json"  # under train.storage_path: what --resume continues
 COUNTERS = ("epoch", "epochs_done")  # in each report, but the MLflow step, not metrics
@@ -67,6 +67,8 @@ class EpochReporter(UserCallback):
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
         row = metrics[0]  # rank 0 holds the kNN monitor
+        if is_mid_epoch(row):  # a checkpoint inside the epoch: no metrics yet
+            return
         epoch = int(row["epoch"])
         values = {k: float(v) for k, v in row.items() if k not in COUNTERS}
         MlflowClient(self.tracking).log_batch(
@@ -168,10 +170,10 @@ def _labelled_splits(shards_dir: str) -> set[str]:
     return splits
 
 
-def pretrain(
-    params: Params, *, resume: bool = False, address: str | None = None, max_failures: int = 0
-) -> PretrainResult:
-    """Train MoCo on the train shards; returns the MLflow run and the exported encoder."""
+def pretrain(params: Params, *, resume: bool = False, address: str | None = None) -> PretrainResult:
+    """Train MoCo on the train shards; returns the MLflow run and the exported encoder.
+
+    A lost worker is survived `train.max_failures` times, from the last checkpoint."""
     check_endpoints(params)  # and ensure_ray checks the Ray address, before Ray starts
     worker_config = plan(params)
     t = params.train
@@ -208,7 +210,6 @@ def pretrain(
             name=f"pretrain-{run_id}",
             storage=storage,
             callbacks=[reporter],
-            max_failures=max_failures,
         )
         result = fit(trainer)
         encoder_dir = _export(result.checkpoint, Path(t.output_dir))
@@ -242,7 +243,6 @@ def build_trainer(
     name: str,
     storage: Path,
     callbacks: list[UserCallback],
-    max_failures: int = 0,
 ) -> TorchTrainer:
     """A TorchTrainer for `params.train`'s workers: gloo on CPUs, NCCL on GPUs."""
     t = params.train
@@ -261,7 +261,7 @@ def build_trainer(
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             # a worker group that cannot start (RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S) fails
             # the run after one more try instead of retrying forever
-            failure_config=FailureConfig(max_failures=max_failures, controller_failure_limit=1),
+            failure_config=FailureConfig(max_failures=t.max_failures, controller_failure_limit=1),
             callbacks=callbacks,
             worker_runtime_env={"env_vars": {"MLFLOW_TRACKING_URI": tracking_uri(params)}},
         ),

@@ -2,7 +2,8 @@
 
 Ray starts the processes and the process group; this loop wraps only the query encoder in DDP
 (the key encoder follows by EMA, so it needs no gradient sync), streams its share of the shards,
-and reports one metrics row (plus a checkpoint from rank 0) per epoch.
+and reports one metrics row (plus a checkpoint from rank 0) per epoch, with more checkpoints
+inside the epoch (train.checkpoint_every_steps / _minutes) so a lost worker costs minutes.
 """
 
 from __future__ import annotations
@@ -12,14 +13,16 @@ import math
 import tempfile
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import ray.train
 import ray.train.torch
 import torch
+import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
+from webdataset.utils import make_seed
 
 from moco import MoCo, cosine_momentum, cosine_with_warmup, step_schedule
 from moco.augment import BatchMoCoAugment, BatchTwoCrops, eval_transform
@@ -33,6 +36,12 @@ from pipeline.precision import ModelShape, resolve_precision
 
 STATE_FILE = "state.pt"
 QUEUE_FILE = "queue-rank{rank}.pt"  # each rank's queue, to check they stayed identical
+STEP_KEY = "step_in_epoch"  # only in a mid-epoch report: a checkpoint, not an epoch's metrics
+
+
+def is_mid_epoch(row: dict[str, Any]) -> bool:
+    """A report row written for a mid-epoch checkpoint (the driver logs epochs only)."""
+    return STEP_KEY in row
 
 
 @dataclass
@@ -110,8 +119,11 @@ def knn_monitor(
     )
 
 
-def _save_checkpoint(directory: Path, model: MoCo, query_encoder, optimizer, scheduler, epoch):
-    """Full training state for an exact resume (the queue and its pointer included)."""
+def _save_checkpoint(
+    directory: Path, model: MoCo, query_encoder, optimizer, scheduler, epoch: int, step: int
+):
+    """Full training state for a resume (the queue and its pointer included), `step` steps
+    into `epoch` (steps_per_epoch at the epoch's end)."""
     torch.save(
         {
             "encoder_q": query_encoder.state_dict(),
@@ -120,14 +132,17 @@ def _save_checkpoint(directory: Path, model: MoCo, query_encoder, optimizer, sch
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "epoch": epoch,
+            "step": step,
         },
         directory / STATE_FILE,
     )
 
 
-def _restore(model: MoCo, optimizer, scheduler, checkpoint: ray.train.Checkpoint) -> int:
-    """Load a checkpoint written by _save_checkpoint (before DDP wrapping); returns the next
-    epoch to run."""
+def _restore(
+    model: MoCo, optimizer, scheduler, checkpoint: ray.train.Checkpoint, steps_per_epoch: int
+) -> tuple[int, int]:
+    """Load a checkpoint written by _save_checkpoint (before DDP wrapping); returns where to go
+    on: (epoch, steps of it already done)."""
     with checkpoint.as_directory() as directory:
         state = torch.load(Path(directory) / STATE_FILE, weights_only=True, map_location="cpu")
     model.encoder_q.load_state_dict(state["encoder_q"])
@@ -135,7 +150,86 @@ def _restore(model: MoCo, optimizer, scheduler, checkpoint: ray.train.Checkpoint
     model.queue.load_state_dict(state["queue"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    return state["epoch"] + 1
+    step = state.get("step", steps_per_epoch)  # checkpoints from before mid-epoch ones: ends
+    return (state["epoch"], step) if step < steps_per_epoch else (state["epoch"] + 1, 0)
+
+
+def _fresh_seed(seed: int, start_step: int) -> int:
+    """The seed of an epoch that starts at `start_step`: the seed itself from the start, else a
+    fresh one derived from both (see Checkpointer on what a resumed epoch reads)."""
+    return seed if start_step == 0 else make_seed(seed, start_step)
+
+
+def _rank0_decides(flag: bool, device: torch.device) -> bool:
+    """Rank 0's `flag` on every rank: ranks' clocks differ, and ray.train.report must be called
+    by all of them or by none."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    value = torch.tensor([int(flag)], device=device)
+    dist.broadcast(value, src=0)
+    return bool(value.item())
+
+
+@dataclass
+class Checkpointer:
+    """Reports to Ray Train, with a checkpoint at epoch ends (train.checkpoint_every) and inside
+    epochs (every train.checkpoint_every_steps steps and/or train.checkpoint_every_minutes).
+
+    A mid-epoch checkpoint holds the same state as an epoch's plus the step within the epoch.
+    Resumed from it, the epoch runs its remaining steps with the LR schedule, momentum, queue
+    and optimizer where they were; the stream cannot be replayed from that point, so those
+    steps read a freshly seeded shuffle of the rank's shards (some images of the epoch are then
+    seen twice and others not at all)."""
+
+    model: MoCo
+    query_encoder: torch.nn.Module  # the plain module (not the DDP wrapper)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    params: Params
+    steps_per_epoch: int
+    rank: int
+    device: torch.device
+    last_saved: float = field(default_factory=time.monotonic)
+
+    def report(self, metrics: dict[str, Any], epoch: int, step: int | None) -> None:
+        """ray.train.report on every rank; with `step`, a checkpoint `step` steps into `epoch`:
+        rank 0 writes the state and the encoder, every rank its queue (Ray merges the folders,
+        so the queues can be compared)."""
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if step is not None:
+                if self.rank == 0:
+                    _save_checkpoint(
+                        Path(tmp),
+                        self.model,
+                        self.query_encoder,
+                        self.optimizer,
+                        self.scheduler,
+                        epoch,
+                        step,
+                    )
+                    spec = EncoderSpec.from_params(self.params.model)
+                    save_encoder(self.model.export_encoder(), spec, tmp)
+                queue = self.model.queue.state_dict()
+                torch.save(queue, Path(tmp) / QUEUE_FILE.format(rank=self.rank))
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+                self.last_saved = time.monotonic()
+            ray.train.report(metrics, checkpoint=checkpoint)
+
+    def after_step(self, epoch: int, step: int) -> None:
+        """Called on every rank after `step` steps of `epoch`: a mid-epoch checkpoint if due
+        (the epoch's last step is left to the epoch-end report)."""
+        if step < self.steps_per_epoch and self._due(step):
+            self.report({"epoch": epoch, STEP_KEY: step}, epoch, step)
+
+    def _due(self, step: int) -> bool:
+        t = self.params.train
+        if t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0:
+            return True
+        if not t.checkpoint_every_minutes:
+            return False
+        late = time.monotonic() - self.last_saved >= 60 * t.checkpoint_every_minutes
+        return _rank0_decides(late, self.device)
 
 
 def _warm_start(model: MoCo, location: str) -> None:
@@ -156,13 +250,17 @@ def _epoch(
     cfg: WorkerConfig,
     epoch: int,
     device: torch.device,
+    start_step: int,
+    checkpointer: Checkpointer,
 ) -> dict[str, float]:
-    """One pass over this rank's shards; returns the epoch's metrics row."""
+    """One pass over this rank's shards (the steps after `start_step`, when resumed inside the
+    epoch); returns the epoch's metrics row."""
     t = params.train
     total_steps = t.epochs * cfg.steps_per_epoch
+    steps = cfg.steps_per_epoch - start_step
     loss_sum, wait, started = 0.0, 0.0, time.perf_counter()
     fetched = started
-    for step, images in enumerate(itertools.islice(batches, cfg.steps_per_epoch)):
+    for step, images in enumerate(itertools.islice(batches, steps), start=start_step):
         wait += time.perf_counter() - fetched
         im_q, im_k = two_crops(images.to(device, non_blocking=True))  # augmented on the device
         if params.moco.momentum_schedule == "cosine":
@@ -182,17 +280,21 @@ def _epoch(
         optimizer.step()
         scheduler.step()
         loss_sum += loss.item()
+        checkpointer.after_step(epoch, step + 1)
         fetched = time.perf_counter()
     elapsed = time.perf_counter() - started
-    return {
+    row = {
         "epoch": epoch,
         "epochs_done": epoch + 1,  # Tune's clock: survives a restart, unlike its iteration count
-        "loss": loss_sum / cfg.steps_per_epoch,
+        "loss": loss_sum / steps,
         "lr": scheduler.get_last_lr()[0],
         "momentum": model.momentum,
-        "images_per_s": cfg.steps_per_epoch * t.global_batch / elapsed,
+        "images_per_s": steps * t.global_batch / elapsed,
         "data_wait_fraction": wait / elapsed,
     }
+    if start_step:  # the run's record that a lost worker was survived inside this epoch
+        row["resumed_at_step"] = start_step
+    return row
 
 
 def train_loop(config: dict[str, Any]) -> None:
@@ -223,9 +325,11 @@ def train_loop(config: dict[str, Any]) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_multiplier(params, cfg.steps_per_epoch)
     )
-    start_epoch = 0
+    start_epoch, start_step = 0, 0
     if (checkpoint := ray.train.get_checkpoint()) is not None:
-        start_epoch = _restore(model, optimizer, scheduler, checkpoint)
+        start_epoch, start_step = _restore(
+            model, optimizer, scheduler, checkpoint, cfg.steps_per_epoch
+        )
     elif t.init_from:
         _warm_start(model, t.init_from)
     query_encoder = model.encoder_q  # the plain module, for export and the kNN monitor
@@ -236,8 +340,12 @@ def train_loop(config: dict[str, Any]) -> None:
         model.encoder_q = torch.compile(model.encoder_q)
 
     two_crops = BatchTwoCrops(BatchMoCoAugment(params.model.image_size, params.moco.augmentation))
+    checkpointer = Checkpointer(
+        model, query_encoder, optimizer, scheduler, params, cfg.steps_per_epoch, rank, device
+    )
     for epoch in range(start_epoch, t.epochs):
-        torch.manual_seed(t.seed + 1000 * epoch + rank)  # augmentations: reproducible per epoch
+        # augmentations: reproducible per epoch (a fresh draw for the rest of a resumed one)
+        torch.manual_seed(_fresh_seed(t.seed + 1000 * epoch + rank, start_step))
         model.train()
         batches = training_loader(
             cfg.train_urls,
@@ -245,24 +353,26 @@ def train_loop(config: dict[str, Any]) -> None:
             raw_size=params.model.image_size,
             batch_size=t.batch_size,
             shuffle_buffer=t.shuffle_buffer,
-            seed=t.seed,
+            seed=_fresh_seed(t.seed, start_step),
             epoch=epoch,
             loader_workers=t.loader_workers,
         )
         metrics = _epoch(
-            model, batches, two_crops, optimizer, scheduler, params, cfg, epoch, device
+            model,
+            batches,
+            two_crops,
+            optimizer,
+            scheduler,
+            params,
+            cfg,
+            epoch,
+            device,
+            start_step,
+            checkpointer,
         )
+        start_step = 0
         metrics["precision_bf16"] = float(t.precision == "bf16")  # the run's record of auto
+        if rank == 0 and params.eval.monitor_bank and cfg.monitor_bank_urls:
+            metrics["knn_top1"] = knn_monitor(query_encoder.backbone, cfg, params, device)
         save = epoch == t.epochs - 1 or (epoch + 1) % t.checkpoint_every == 0
-        with tempfile.TemporaryDirectory() as tmp:
-            if rank == 0:
-                if params.eval.monitor_bank and cfg.monitor_bank_urls:
-                    metrics["knn_top1"] = knn_monitor(query_encoder.backbone, cfg, params, device)
-                if save:
-                    _save_checkpoint(Path(tmp), model, query_encoder, optimizer, scheduler, epoch)
-                    spec = EncoderSpec.from_params(params.model)
-                    save_encoder(model.export_encoder(), spec, tmp)
-            if save:  # every rank adds its queue: Ray merges the folders, so they can be compared
-                torch.save(model.queue.state_dict(), Path(tmp) / QUEUE_FILE.format(rank=rank))
-            checkpoint = ray.train.Checkpoint.from_directory(tmp) if save else None
-            ray.train.report(metrics, checkpoint=checkpoint)
+        checkpointer.report(metrics, epoch, cfg.steps_per_epoch if save else None)

@@ -29,6 +29,7 @@ from pipeline.preflight import check_endpoints
 from pipeline.pretrain import EpochReporter, build_trainer, fit, plan
 from pipeline.ray_cluster import ensure_ray
 from pipeline.tracking import end_run_failed, git_commit, setup_mlflow, tracking_uri
+from pipeline.train_worker import is_mid_epoch
 
 LATEST_SWEEP_FILE = "latest-sweep.json"  # under tune.storage_path: what --resume continues
 PARENT_FILE = "mlflow-parent.json"  # in the sweep's folder: its MLflow parent run
@@ -100,6 +101,15 @@ def _searcher(tp: TuneParams):
     return BasicVariantGenerator(random_state=tp.seed, max_concurrent=tp.max_concurrent_trials)
 
 
+class EpochTuneReport(TuneReportCallback):
+    """Tune hears epochs only: a mid-epoch checkpoint's row has no metric for ASHA (the trial's
+    Ray Train run still resumes from that checkpoint)."""
+
+    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
+        if not is_mid_epoch(metrics[0]):
+            super().after_report(run_context, metrics, checkpoint)
+
+
 def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     """One trial (run by Tune): a Ray Train run of the sampled config, reporting each epoch to
     Tune (for ASHA) and to its own nested MLflow run."""
@@ -115,7 +125,7 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
         # MLflow first: once Tune hears the epoch, ASHA may stop (kill) this trial at once
         callbacks=[
             EpochReporter(setup.tracking, run_id, params.train.epochs, label=trial_id),
-            TuneReportCallback(),
+            EpochTuneReport(),
         ],
     )
     fit(trainer)

@@ -109,19 +109,64 @@ def test_resume_continues_the_same_run_from_its_checkpoint(
 def test_a_killed_worker_is_survived_from_the_last_checkpoint(
     params: Params, ray_cluster: None
 ) -> None:
+    params = variant("train.epochs=4", "train.checkpoint_every_minutes=0")
+    result = pretrain_killing_a_worker(params)
+
+    run = MlflowClient().get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert max(m.step for m in MlflowClient().get_metric_history(result.run_id, "loss")) == 3
+    assert torch.load(checkpoints(result.run_id)[-1] / STATE_FILE, weights_only=True)["epoch"] == 3
+
+
+def test_a_worker_lost_mid_epoch_costs_only_the_steps_since_the_last_checkpoint(
+    params: Params, ray_cluster: None
+) -> None:
+    # the default run: one epoch, train.max_failures as configured (1); a checkpoint every 8 of
+    # its 64 steps, and a queue size that no number of steps' keys fills exactly, so the
+    # pointer tells a restored queue from a fresh one
+    params = variant(
+        "train.epochs=1",
+        "train.batch_size=8",
+        "moco.queue_size=1000",
+        "train.checkpoint_every_steps=8",
+        "train.checkpoint_every_minutes=0",
+    )
+    assert params.train.max_failures == 1
+    t = params.train
+    steps = steps_per_epoch(
+        params.data.shards_dir,
+        "train",
+        world_size=t.num_workers,
+        loader_workers=t.loader_workers,
+        batch_size=t.batch_size,
+    )
+
+    result = pretrain_killing_a_worker(params)
+
+    assert MlflowClient().get_run(result.run_id).info.status == "FINISHED"
+    resumed = MlflowClient().get_metric_history(result.run_id, "resumed_at_step")
+    assert len(resumed) == 1 and 0 < resumed[0].value < steps and resumed[0].step == 0
+    history = MlflowClient().get_metric_history(result.run_id, "loss")
+    assert [m.step for m in history] == [0]  # mid-epoch checkpoints log no epoch rows
+    final = torch.load(checkpoints(result.run_id)[-1] / STATE_FILE, weights_only=True)
+    assert (final["epoch"], final["step"]) == (0, steps)
+    # one epoch of keys in all: the queue went on from the checkpoint's pointer
+    assert int(final["queue"]["ptr"]) == steps * t.global_batch % 1000
+
+
+def pretrain_killing_a_worker(params: Params):
+    """Pretrain while SIGKILLing one Ray Train worker as soon as Ray Train has committed a
+    checkpoint (its snapshot file names it; a checkpoint folder alone may be half-reported)."""
     from ray.util.state import list_actors
 
-    params = variant("train.epochs=4")
     outcome: dict = {}
-    runner = threading.Thread(
-        target=lambda: outcome.update(result=pretrain(params, max_failures=1))
-    )
+    runner = threading.Thread(target=lambda: outcome.update(result=pretrain(params)))
     runner.start()
     try:
         deadline = time.monotonic() + 300
-        while not list(Path("runs/ray").glob("pretrain-*/checkpoint_*/state.pt")):
+        while not list(Path("runs/ray").glob("pretrain-*/checkpoint_manager_snapshot.json")):
             assert time.monotonic() < deadline and runner.is_alive(), "no checkpoint appeared"
-            time.sleep(0.5)
+            time.sleep(0.2)
         workers = list_actors(
             address=ray.get_runtime_context().gcs_address,  # this session's cluster only
             filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
@@ -129,12 +174,7 @@ def test_a_killed_worker_is_survived_from_the_last_checkpoint(
         os.kill(workers[-1].pid, signal.SIGKILL)
     finally:  # never leave the run going into the next test's folder
         runner.join(timeout=600)
-
-    result = outcome["result"]
-    run = MlflowClient().get_run(result.run_id)
-    assert run.info.status == "FINISHED"
-    assert max(m.step for m in MlflowClient().get_metric_history(result.run_id, "loss")) == 3
-    assert torch.load(checkpoints(result.run_id)[-1] / STATE_FILE, weights_only=True)["epoch"] == 3
+    return outcome["result"]
 
 
 def test_a_diverged_run_fails_and_logs_no_model(params: Params, ray_cluster: None) -> None:

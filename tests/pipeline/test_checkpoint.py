@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from ray.train import Checkpoint
 
@@ -22,7 +23,13 @@ def _training_state(seed: int):
     return model, optimizer, scheduler
 
 
-def test_restore_gives_back_the_saved_state(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("saved_step", "goes_on_at"),
+    [(10, (5, 0)), (3, (4, 3))],  # the end of epoch 4 (10 steps), or 3 steps into it
+)
+def test_restore_gives_back_the_saved_state(
+    tmp_path: Path, saved_step: int, goes_on_at: tuple[int, int]
+) -> None:
     model, optimizer, scheduler = _training_state(seed=0)
     for _ in range(3):
         images = torch.rand(8, 1, 16, 16)
@@ -31,14 +38,16 @@ def test_restore_gives_back_the_saved_state(tmp_path: Path) -> None:
         loss.backward()
         optimizer.step()
         scheduler.step()
-    _save_checkpoint(tmp_path, model, model.encoder_q, optimizer, scheduler, epoch=4)
-
-    fresh, fresh_optimizer, fresh_scheduler = _training_state(seed=1)
-    next_epoch = _restore(
-        fresh, fresh_optimizer, fresh_scheduler, Checkpoint.from_directory(tmp_path)
+    _save_checkpoint(
+        tmp_path, model, model.encoder_q, optimizer, scheduler, epoch=4, step=saved_step
     )
 
-    assert next_epoch == 5
+    fresh, fresh_optimizer, fresh_scheduler = _training_state(seed=1)
+    position = _restore(
+        fresh, fresh_optimizer, fresh_scheduler, Checkpoint.from_directory(tmp_path), 10
+    )
+
+    assert position == goes_on_at
     for name, tensor in model.state_dict().items():
         assert torch.equal(fresh.state_dict()[name], tensor), name
     assert int(fresh.queue.ptr) == int(model.queue.ptr) == 24
