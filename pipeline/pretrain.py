@@ -151,6 +151,7 @@ def warm_start_or_scratch(params: Params) -> tuple[Params, str]:
     location = params.train.init_from
     if not location.startswith("models:/"):
         return params, f"init: {location or 'from scratch'}"
+    check_endpoints(params)  # the flow asks the registry first: an unreachable one is refused now
     version = _registered_version(location, tracking_uri(params))
     if version is None:
         return with_overrides(params, {"train.init_from": ""}, keep_space=True), (

@@ -174,11 +174,13 @@ def test_an_object_store_endpoint_is_probed_only_for_s3_paths(
 def test_the_stages_check_before_they_start_ray(
     project: Path, monkeypatch: pytest.MonkeyPatch, closed_port: int
 ) -> None:
-    """The flows call the stage functions, not the CLI: they refuse the same way."""
-    from pipeline.pretrain import pretrain
+    """The flows call the stage functions, not the CLI: they refuse the same way, the warm-start
+    lookup in the registry (the retrain flow's first MLflow call) included."""
+    from pipeline.pretrain import pretrain, warm_start_or_scratch
     from pipeline.tune import sweep
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{closed_port}")
-    for stage in (pretrain, sweep):
+    warm = ["train.init_from=models:/moco-encoder@production"]
+    for stage, overrides in ((pretrain, []), (sweep, []), (warm_start_or_scratch, warm)):
         with pytest.raises(StageError, match=r"^MLFLOW_TRACKING_URI=.*nothing answers"):
-            stage(load_params())
+            stage(load_params(overrides=overrides))
