@@ -67,6 +67,16 @@ def shard(
 
 @app.command()
 @_clean_errors
+def benchmark(params: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None) -> None:
+    """Shard eval.benchmark, the fixed labelled set every model is scored on (idempotent)."""
+    from pipeline.benchmark import benchmark as run_benchmark
+
+    summary = run_benchmark(_params(params, overrides))
+    typer.echo(summary.render() if summary else "benchmark: none configured (eval.benchmark)")
+
+
+@app.command()
+@_clean_errors
 def pretrain(
     params: ParamsOpt = Path("params.yaml"),
     overrides: SetOpt = None,
@@ -135,15 +145,18 @@ def promote(
 ) -> None:
     """Register the candidate; move @production only if it passes the gate."""
     config = _checked(_params(params, overrides))
+    from pipeline.promote import VERSION_KEYS
     from pipeline.promote import promote as run_promote
     from pipeline.tracking import exported_run
 
     if not metrics.exists():
         raise FileNotFoundError(f"{metrics}: no evaluation found; run `mocopipe evaluate` first")
     values = json.loads(metrics.read_text())
-    data_version = values.pop("data_version", "unknown")
+    versions = {key: str(values.pop(key, "")) for key in VERSION_KEYS}
+    for key in [k for k, v in values.items() if not isinstance(v, int | float)]:
+        values.pop(key)  # other versions (heldout_version): not metrics
     model_uri = exported_run(model).get("model_uri", model)
-    typer.echo(run_promote(config, model_uri, values, data_version).render())
+    typer.echo(run_promote(config, model_uri, values, versions).render())
 
 
 @app.command()

@@ -32,9 +32,11 @@ from pipeline.errors import StageError
 from pipeline.plots import plot_training_curves
 from pipeline.preflight import check_endpoints
 from pipeline.ray_cluster import check_resources, ensure_ray
+from pipeline.registry import TRAIN_SAMPLES_TAG
 from pipeline.tracking import (
     end_run_failed,
     git_commit,
+    log_dataset,
     log_encoder,
     model_version_of,
     setup_mlflow,
@@ -171,8 +173,11 @@ def _labelled_splits(shards_dir: str) -> set[str]:
     return splits
 
 
-def pretrain(params: Params, *, resume: bool = False, address: str | None = None) -> PretrainResult:
+def pretrain(
+    params: Params, *, resume: bool = False, address: str | None = None, run_name: str = ""
+) -> PretrainResult:
     """Train MoCo on the train shards; returns the MLflow run and the exported encoder.
+    `run_name` names the MLflow run (default pretrain-<data version>; a flow passes its own).
 
     A lost worker is survived `train.max_failures` times, from the last checkpoint."""
     check_endpoints(params)  # and ensure_ray checks the Ray address, before Ray starts
@@ -191,16 +196,20 @@ def pretrain(params: Params, *, resume: bool = False, address: str | None = None
         run_id = json.loads(latest.read_text())["run_id"]
         mlflow.start_run(run_id=run_id)
     else:
-        mlflow.start_run(experiment_id=experiment_id)
+        mlflow.start_run(experiment_id=experiment_id, run_name=run_name or f"pretrain-{version}")
         mlflow.log_params(params.to_flat_dict())
         mlflow.set_tags(
             {
                 "git_commit": git_commit(),
                 "data_version": version,
+                TRAIN_SAMPLES_TAG: read_manifest(params.data.shards_dir, "train")["samples"],
                 "ray_workers": t.num_workers,
                 "stage": "pretrain",
+                "mlflow.note.content": f"MoCo pretraining on data {version} "
+                f"(init: {t.init_from or 'from scratch'})",
             }
         )
+        log_dataset(params.data.shards_dir, "train-stream", version, "training")
         run_id = mlflow.active_run().info.run_id
         latest.write_text(json.dumps({"run_id": run_id}))
     try:
