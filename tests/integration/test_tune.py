@@ -28,6 +28,8 @@ SWEEP = [
     "tune.cpus_per_worker=0.9",
     "tune.seed=1",
     "tune.space.moco.queue_size={type: choice, values: [256, 512]}",
+    # checkpoints inside the trials' epochs too: ASHA and MLflow must still see epochs only
+    "train.checkpoint_every_steps=4",
 ]
 
 
