@@ -45,18 +45,15 @@ def shown(url: str) -> str:
     parts = urlsplit(url)
     if not parts.netloc:
         return url
-    host = parts.netloc.rpartition("@")[2]
-    return f"{parts.scheme}://{host}{parts.path}" if parts.scheme else host
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"
 
 
 def _host_port(url: str, default_port: int | None) -> tuple[str, int] | None:
-    """Host and port of a URL or a bare host:port; None when there is no network endpoint."""
+    """Host and port of a URL or a bare host:port; None when there is no network endpoint.
+    A port that is not a number raises ValueError."""
     parts = urlsplit(url if "://" in url else f"//{url}")
     scheme = parts.scheme.split("+")[0]  # SQLAlchemy: postgresql+psycopg2://...
-    try:
-        port = parts.port or DEFAULT_PORTS.get(scheme, default_port)
-    except ValueError:  # a port that is not a number
-        raise StageError(f"{shown(url)}: not a valid address (host:port)") from None
+    port = parts.port or DEFAULT_PORTS.get(scheme, default_port)
     if not parts.hostname or port is None:
         return None
     return parts.hostname, port
@@ -78,7 +75,10 @@ def unreachable_reason(host: str, port: int, timeout: float = CONNECT_TIMEOUT_S)
 def require_answer(named: str, url: str, fix: str, default_port: int | None = None) -> None:
     """Refuse in one line (`named`: the setting and its value) when `url` does not accept a
     connection."""
-    endpoint = _host_port(url, default_port)
+    try:
+        endpoint = _host_port(url, default_port)
+    except ValueError:
+        raise StageError(f"{named}: not a valid address (expected host:port)") from None
     if endpoint is None:
         return
     if reason := unreachable_reason(*endpoint):

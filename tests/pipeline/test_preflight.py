@@ -80,11 +80,15 @@ def test_a_ray_cluster_that_does_not_answer_is_refused_in_seconds(
     print(f"{setting} of a dead cluster refused in {seconds:.1f} s")
 
 
-def test_ray_client_addresses_are_probed_on_their_port(project: Path, closed_port: int) -> None:
-    port = closed_port
-    with pytest.raises(StageError, match=f"--address=ray://127.0.0.1:{port}: nothing answers"):
-        check_ray_address(f"ray://127.0.0.1:{port}")
+def test_ray_addresses_client_port_local_default_and_a_bad_port(
+    project: Path, closed_port: int
+) -> None:
+    client = f"ray://127.0.0.1:{closed_port}"
+    with pytest.raises(StageError, match=f"--address={client}: nothing answers"):
+        check_ray_address(client)
     assert check_ray_address(None) is None  # no address: a local instance, nothing to probe
+    with pytest.raises(StageError, match=r"^--address=127\.0\.0\.1:6379x: not a valid address"):
+        check_ray_address("127.0.0.1:6379x")
 
 
 class _Refusing(BaseHTTPRequestHandler):
