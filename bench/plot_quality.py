@@ -34,8 +34,8 @@ def main() -> None:
         speed = f"{run['images_per_s']:.0f} img/s, {run['precision']}"
         label = f"{run['label'] or run['set']} ({speed})"
         ax.plot(
-            [0.0] + [p["minutes"] for p in points],
-            [None] + [p["knn_top1"] for p in points],
+            [p["minutes"] for p in points],
+            [p["knn_top1"] for p in points],
             marker="o",
             label=label,
         )
