@@ -81,8 +81,12 @@ def batch_unshuffle_single(x: Tensor, idx_unshuffle: Tensor) -> Tensor:
 class SplitBatchNorm(nn.BatchNorm2d):
     """BatchNorm2d whose train-mode statistics are computed separately on `num_splits` sub-batches.
 
-    Emulates per-GPU BN on one process (as in the official MoCo CIFAR-10 demo): sample i belongs
-    to split i % num_splits. Running statistics are the average of the splits' running statistics;
+    Emulates per-GPU BN on one process (as in the official MoCo CIFAR-10 demo): split j holds
+    the j-th contiguous block of N / num_splits samples (the demo interleaves, sample i in split
+    i % num_splits; both are arbitrary partitions of a shuffled batch). Blocks are chunks that
+    keep the batch's memory format, so a channels_last batch is never converted: folding the
+    splits into channels cost two layout copies per layer, ~20% of a CPU step
+    (bench/RESULTS.md). Running statistics are the average of the splits' running statistics;
     eval mode is plain BatchNorm2d.
     """
 
@@ -93,25 +97,19 @@ class SplitBatchNorm(nn.BatchNorm2d):
     def forward(self, x: Tensor) -> Tensor:
         if not self.training:
             return super().forward(x)
-        n, c, h, w = x.shape
         s = self.num_splits
-        if n % s:
-            raise ValueError(f"batch of {n} cannot be split into {s} equal BN splits")
-        # Folding the splits into channels lets one batch_norm call normalise every split.
-        mean_split = self.running_mean.repeat(s)
-        var_split = self.running_var.repeat(s)
-        out = F.batch_norm(
-            x.reshape(n // s, c * s, h, w),
-            mean_split,
-            var_split,
-            self.weight.repeat(s),
-            self.bias.repeat(s),
-            True,
-            self.momentum,
-            self.eps,
-        ).view(n, c, h, w)
-        self.running_mean.copy_(mean_split.view(s, c).mean(dim=0))
-        self.running_var.copy_(var_split.view(s, c).mean(dim=0))
-        if x.is_contiguous(memory_format=torch.channels_last):
-            out = out.contiguous(memory_format=torch.channels_last)
-        return out
+        if x.shape[0] % s:
+            raise ValueError(f"batch of {x.shape[0]} cannot be split into {s} equal BN splits")
+        outs, means, variances = [], [], []
+        for block in x.chunk(s):
+            mean, var = self.running_mean.clone(), self.running_var.clone()
+            outs.append(
+                F.batch_norm(
+                    block, mean, var, self.weight, self.bias, True, self.momentum, self.eps
+                )
+            )
+            means.append(mean)
+            variances.append(var)
+        self.running_mean.copy_(torch.stack(means).mean(dim=0))
+        self.running_var.copy_(torch.stack(variances).mean(dim=0))
+        return torch.cat(outs)

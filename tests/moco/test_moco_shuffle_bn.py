@@ -50,10 +50,12 @@ def test_split_batchnorm_equals_per_split_batchnorm(channels_last: bool) -> None
 
     expected = torch.empty_like(x)
     means, variances = [], []
-    for j in range(splits):  # split j holds samples j, j + splits, ...
+    block = n // splits
+    for j in range(splits):  # split j holds the j-th block of n / splits samples
         rm, rv = start_mean.clone(), start_var.clone()
-        expected[j::splits] = F.batch_norm(
-            x[j::splits], rm, rv, bn.weight, bn.bias, True, bn.momentum, bn.eps
+        rows = slice(j * block, (j + 1) * block)
+        expected[rows] = F.batch_norm(
+            x[rows], rm, rv, bn.weight, bn.bias, True, bn.momentum, bn.eps
         )
         means.append(rm), variances.append(rv)
 
