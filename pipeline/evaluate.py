@@ -172,11 +172,13 @@ def _assess(
     params: Params, model: str, *, references: bool, versus_production: bool = False
 ) -> _Assessment:
     torch.set_num_threads(os.cpu_count() or 1)
-    require_evaluable(params)
     if _is_uri(model):
         setup_mlflow(params)  # models:/ and runs:/ resolve through the tracking store
     encoder, spec = load_encoder(model)
+    require_evaluable(params)
     e = params.eval
+    # Only a forced bf16 evaluates in bf16; `auto` scores in fp32 on every machine, so recorded
+    # metrics stay comparable wherever production was evaluated.
     bf16 = params.train.precision == "bf16"
     fingerprint = model_fingerprint(encoder, spec=asdict(spec), bf16=bf16)
     subjects = [_Subject(keys.ENCODER, feature_net(encoder), fingerprint, bf16)]
