@@ -39,6 +39,9 @@ def variant(*overrides: str) -> Params:
     return load_params("params.yaml", list(overrides))
 
 
+SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of the checkpoints it kept
+
+
 def checkpoints(run_id: str) -> list[Path]:
     return sorted(
         p for p in Path("runs/ray", f"pretrain-{run_id}").glob("checkpoint_*") if p.is_dir()
@@ -48,8 +51,12 @@ def checkpoints(run_id: str) -> list[Path]:
 def test_two_workers_checkpoint_metrics_model_and_identical_queues(
     params: Params, ray_cluster: None
 ) -> None:
-    result = pretrain(params)
+    # time-based checkpoints too (0.3 s, checked every 10 steps): rank 0's clock decides for
+    # both ranks, or they would hang in ray.train.report
+    result = pretrain(variant("train.checkpoint_every_minutes=0.005"))
 
+    kept = json.loads(Path(checkpoints(result.run_id)[-1].parent, SNAPSHOT).read_text())
+    assert any("step_in_epoch" in c["metrics"] for c in kept["checkpoint_results"])
     latest = checkpoints(result.run_id)[-1]
     assert (latest / STATE_FILE).exists()
     queues = [torch.load(latest / QUEUE_FILE.format(rank=r), weights_only=True) for r in (0, 1)]
@@ -164,7 +171,7 @@ def pretrain_killing_a_worker(params: Params):
     runner.start()
     try:
         deadline = time.monotonic() + 300
-        while not list(Path("runs/ray").glob("pretrain-*/checkpoint_manager_snapshot.json")):
+        while not list(Path("runs/ray").glob(f"pretrain-*/{SNAPSHOT}")):
             assert time.monotonic() < deadline and runner.is_alive(), "no checkpoint appeared"
             time.sleep(0.2)
         workers = list_actors(
