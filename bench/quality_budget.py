@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from train_step import add_stem_stride, matmul_peak_gflops, stride_two_stem
+from train_step import matmul_peak_gflops
 
 from moco import cosine_momentum, cosine_with_warmup
 from moco.augment import BatchMoCoAugment, BatchTwoCrops
@@ -54,7 +54,6 @@ def parse_args() -> argparse.Namespace:
     budget.add_argument("--images", type=int, help="training images (steps x batch)")
     parser.add_argument("--checkpoints", type=int, default=3, help="kNN points on the curve")
     parser.add_argument("--threads", type=int, default=2)
-    add_stem_stride(parser)
     parser.add_argument("--label", default="", help="the curve's name in the plot")
     parser.add_argument("--jsonl", default=None, help="also append the JSON line to this file")
     return parser.parse_args()
@@ -144,8 +143,6 @@ def main() -> None:
 
     torch.manual_seed(t.seed)
     model = build_model(params, world_size=1)
-    if args.stem_stride == 2:
-        stride_two_stem(model)
     memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     optimizer = torch.optim.SGD(
@@ -197,7 +194,6 @@ def main() -> None:
         "label": args.label,
         "params": args.params,
         "set": args.set,
-        "stem_stride": args.stem_stride,
         "budget": {"minutes": args.minutes} if args.minutes else {"images": args.images},
         "trained_minutes": round(budget.trained_s / 60, 3),  # CPU time / threads
         "wall_minutes": round(budget.wall_s / 60, 3),

@@ -60,6 +60,7 @@ FLAG_SETTINGS = {
     "width": "model.width",
     "image_size": "model.image_size",
     "small_stem": "model.small_stem",
+    "stem_stride": "model.stem_stride",
     "batch_size": "train.batch_size",
     "queue_size": "moco.queue_size",
     "channels_last": "train.channels_last",
@@ -107,25 +108,6 @@ def instrument(model: MoCo, times: dict[str, float]) -> None:
         setattr(model, name, wrapper)
 
 
-def stride_two_stem(model: MoCo) -> None:
-    """The issue's 3x3 stride-2 stem (28 px -> 14 px maps in layer1) on both encoders. Not a
-    model setting yet: model.small_stem: false is the 7x7 stride-2 + max-pool ImageNet stem
-    (7 px maps). Bench-only, so the candidate can be measured before it becomes one."""
-    for encoder in (model.encoder_q, model.encoder_k):
-        encoder.backbone[1].conv1.stride = (2, 2)  # backbone = [Normalize, WidthResNet]
-
-
-def add_stem_stride(parser: argparse.ArgumentParser) -> None:
-    """--stem-stride, shared with quality_budget.py: the candidate stem, applied after build."""
-    parser.add_argument(
-        "--stem-stride",
-        type=int,
-        choices=[1, 2],
-        default=1,
-        help="2: the small stem's 3x3 conv at stride 2 (bench-only; auto probes stride 1)",
-    )
-
-
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default=None, help="params file (default: typed defaults)")
@@ -151,9 +133,11 @@ def parse_args() -> argparse.Namespace:
         "--small-stem",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="3x3 stride-1 stem without max-pool (default: the params' model.small_stem)",
+        help="3x3 stem without max-pool (default: the params' model.small_stem)",
     )
-    add_stem_stride(parser)
+    parser.add_argument(
+        "--stem-stride", type=int, choices=[1, 2], default=None, help="model.stem_stride"
+    )
     parser.add_argument("--shards", default=None, help="existing shards dir (else a temp subset)")
     return parser.parse_args()
 
@@ -196,8 +180,6 @@ def main() -> None:
         loader_workers=args.workers,
     )
     model = build_model(params, world_size=1)
-    if args.stem_stride == 2:
-        stride_two_stem(model)
     memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     two_crops = BatchTwoCrops(BatchMoCoAugment(m.image_size, params.moco.augmentation))
@@ -247,7 +229,6 @@ def main() -> None:
         result = {
             "params": args.params,
             "shape": asdict(shape),
-            "stem_stride": args.stem_stride,
             "symmetric": params.moco.symmetric,
             "queue_size": params.moco.queue_size,
             "precision_requested": name,

@@ -42,16 +42,25 @@ class WidthResNet(ResNet):
         *,
         width: int,
         small_stem: bool,
+        stem_stride: int,
         in_channels: int,
         norm_layer: Callable[[int], nn.Module] | None,
     ) -> None:
         if width < 1:
             raise ValueError(f"width must be positive, got {width}")
+        if stem_stride not in (1, 2) or (stem_stride == 2 and not small_stem):
+            raise ValueError(
+                f"stem_stride must be 1 or 2, and 2 needs the small stem (got {stem_stride}, "
+                f"small_stem={small_stem}); the ImageNet stem is always 7x7 stride 2"
+            )
         self.width = width  # read by _make_layer during ResNet.__init__
         super().__init__(block, layers, norm_layer=norm_layer)
         # Replace the stem: ResNet built it for 3 channels and 64 widths.
-        if small_stem:  # 3x3 stride 1, no max-pool: keeps resolution for <= 64 px inputs
-            self.conv1 = nn.Conv2d(in_channels, width, 3, stride=1, padding=1, bias=False)
+        # The small stem (3x3, no max-pool) suits <= 64 px inputs: stride 1 keeps the resolution,
+        # stride 2 halves it (28 -> 14 px maps), 4x cheaper per image with less lost than the
+        # ImageNet stem's 4x reduction (bench/RESULTS.md).
+        if small_stem:
+            self.conv1 = nn.Conv2d(in_channels, width, 3, stride=stem_stride, padding=1, bias=False)
             self.maxpool = nn.Identity()
         else:
             self.conv1 = nn.Conv2d(in_channels, width, 7, stride=2, padding=3, bias=False)
@@ -77,6 +86,7 @@ def build_backbone(
     *,
     width: int = 64,
     small_stem: bool = True,
+    stem_stride: int = 1,
     in_channels: int = 3,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
@@ -84,7 +94,9 @@ def build_backbone(
 ) -> tuple[nn.Module, int]:
     """Return (extractor mapping [N, C, H, W] to flat [N, feat_dim] features, feat_dim).
 
-    `norm_layer` is forwarded to torchvision (e.g. a SplitBatchNorm partial for shuffle BN).
+    `stem_stride` (1 or 2) is the small stem's stride; the ImageNet stem (small_stem=False) is
+    fixed at 7x7 stride 2 + max-pool. `norm_layer` is forwarded to torchvision (e.g. a
+    SplitBatchNorm partial for shuffle BN).
     With mean/std the extractor normalises its own input, so it takes float images in [0, 1].
     """
     if name not in _ARCHS:
@@ -95,6 +107,7 @@ def build_backbone(
         layers,
         width=width,
         small_stem=small_stem,
+        stem_stride=stem_stride,
         in_channels=in_channels,
         norm_layer=norm_layer,
     )

@@ -44,7 +44,8 @@ class DataParams(_Section):
 class ModelParams(_Section):
     backbone: Literal["resnet18", "resnet50"] = "resnet18"
     width: int = Field(16, ge=4)
-    small_stem: bool = True
+    small_stem: bool = True  # 3x3 first conv, no max-pool (false: ImageNet's 7x7 stride 2 + pool)
+    stem_stride: Literal[1, 2] = 1  # of the small stem; 2 halves the maps (28 -> 14 px), 4x cheaper
     in_channels: Literal[1, 3] = 1
     image_size: int = Field(28, ge=8)
     dim: int = Field(128, ge=2)
@@ -58,6 +59,15 @@ class ModelParams(_Section):
             raise ValueError(
                 f"model.mean: mean and std need {self.in_channels} value(s) each for "
                 f"in_channels={self.in_channels}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _stride_needs_small_stem(self) -> ModelParams:
+        if self.stem_stride == 2 and not self.small_stem:
+            raise ValueError(
+                "model.stem_stride: 2 applies to the small stem only (small_stem: false is the "
+                "ImageNet stem, always 7x7 stride 2 + max-pool)"
             )
         return self
 

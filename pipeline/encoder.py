@@ -33,6 +33,7 @@ class EncoderSpec:
     image_size: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    stem_stride: int = 1  # encoder.json files written before the setting existed are stride 1
 
     @classmethod
     def from_params(cls, model: ModelParams) -> EncoderSpec:
@@ -40,6 +41,7 @@ class EncoderSpec:
             backbone=model.backbone,
             width=model.width,
             small_stem=model.small_stem,
+            stem_stride=model.stem_stride,
             in_channels=model.in_channels,
             image_size=model.image_size,
             mean=tuple(model.mean),
@@ -52,6 +54,7 @@ class EncoderSpec:
             self.backbone,
             width=self.width,
             small_stem=self.small_stem,
+            stem_stride=self.stem_stride,
             in_channels=self.in_channels,
             mean=self.mean,
             std=self.std,

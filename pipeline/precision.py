@@ -44,6 +44,7 @@ class ModelShape:
     backbone: str
     width: int
     small_stem: bool
+    stem_stride: int
     in_channels: int
     image_size: int
     batch_size: int  # per worker
@@ -58,6 +59,7 @@ class ModelShape:
             backbone=m.backbone,
             width=m.width,
             small_stem=m.small_stem,
+            stem_stride=m.stem_stride,
             in_channels=m.in_channels,
             image_size=m.image_size,
             batch_size=t.batch_size,
@@ -160,6 +162,7 @@ def probe_step_seconds(shape: ModelShape) -> tuple[float, float]:
         shape.backbone,
         width=shape.width,
         small_stem=shape.small_stem,
+        stem_stride=shape.stem_stride,
         in_channels=shape.in_channels,
         queue_size=batch,
         bn_splits=shape.bn_splits if batch % shape.bn_splits == 0 else 1,

@@ -65,6 +65,7 @@ def build_model(params: Params, world_size: int) -> MoCo:
         m.backbone,
         width=m.width,
         small_stem=m.small_stem,
+        stem_stride=m.stem_stride,
         in_channels=m.in_channels,
         mean=m.mean,
         std=m.std,

@@ -51,6 +51,31 @@ def test_small_stem_replaces_conv_and_drops_maxpool() -> None:
     assert isinstance(net.fc, nn.Identity)
 
 
+@pytest.mark.parametrize(
+    ("small_stem", "stem_stride", "layer1_size"),
+    [(True, 1, 28), (True, 2, 14), (False, 1, 7)],  # small, small stride 2, ImageNet stem
+)
+def test_stem_sets_layer1_map_size(small_stem: bool, stem_stride: int, layer1_size: int) -> None:
+    net, dim = build_backbone(
+        "resnet18", width=16, small_stem=small_stem, stem_stride=stem_stride, in_channels=1
+    )
+    x = torch.rand(2, 1, 28, 28)
+    stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
+    assert net.layer1(stem(x)).shape == (2, 16, layer1_size, layer1_size)
+    assert net(x).shape == (2, dim)
+
+
+def test_stride_two_stem_keeps_the_small_stems_weights() -> None:
+    """Only the stride differs, so the two small stems share state_dict shapes and names."""
+    one, _ = build_backbone("resnet18", width=16, stem_stride=1, in_channels=1)
+    two, _ = build_backbone("resnet18", width=16, stem_stride=2, in_channels=1)
+    assert two.conv1.kernel_size == (3, 3) and two.conv1.stride == (2, 2)
+    assert isinstance(two.maxpool, nn.Identity)
+    assert {k: v.shape for k, v in one.state_dict().items()} == {
+        k: v.shape for k, v in two.state_dict().items()
+    }
+
+
 def test_normalisation_layer_makes_extractor_take_unit_range_images() -> None:
     torch.manual_seed(0)
     mean, std = [0.2, 0.4, 0.6], [0.5, 0.25, 0.125]
@@ -69,6 +94,10 @@ def test_bad_arguments_raise() -> None:
         build_backbone("vgg11")
     with pytest.raises(ValueError):
         build_backbone("resnet18", mean=[0.5])
+    with pytest.raises(ValueError, match="small stem"):
+        build_backbone("resnet18", small_stem=False, stem_stride=2)
+    with pytest.raises(ValueError, match="stem_stride"):
+        build_backbone("resnet18", stem_stride=3)
 
 
 def test_projection_heads() -> None:

@@ -16,6 +16,7 @@ SHAPE = ModelShape(
     backbone="resnet18",
     width=4,
     small_stem=True,
+    stem_stride=1,
     in_channels=1,
     image_size=8,
     batch_size=4,
