@@ -11,6 +11,7 @@ from flows.sweep import sweep
 from pipeline.config import ConfigError, load_params
 from pipeline.errors import StageError
 from pipeline.evaluation.data import NoEvaluationData, require_evaluable
+from pipeline.preflight import check_endpoints
 
 
 def main() -> None:
@@ -27,8 +28,10 @@ def main() -> None:
     )
     args = parser.parse_args()
     try:
-        require_evaluable(load_params(args.params, args.overrides), sharded=False)
-    except (ConfigError, NoEvaluationData) as error:
+        params = load_params(args.params, args.overrides)
+        check_endpoints(params, ray=True)  # MLflow, S3, RAY_ADDRESS: refused in seconds
+        require_evaluable(params, sharded=False)
+    except (ConfigError, NoEvaluationData, StageError) as error:
         sys.exit(f"error: {error}")
     run = {"retrain": retrain, "sweep": sweep}[args.flow]
     try:
