@@ -12,6 +12,10 @@ Why it is built this way:
 - Only image, `cls` and `json` members are ever read out of a tar and they are decoded
   explicitly (PIL for images): no pickle-based decoder can run on shard contents.
 - Shard URLs may be local paths, `pipe:` commands or any fsspec URL (s3://, gs://, file://...).
+- Every shard read to its end is checked against the sha256 its manifest lists: a corrupt or
+  replaced shard (a bad upload, a bit flip in the object store) fails the run naming the shard,
+  never skipped. Its samples were already yielded by then; the check is on the stream, so it
+  costs no second read.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import partial
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 from urllib.parse import urlparse
 
 import fsspec
@@ -269,14 +273,67 @@ def _tar_samples(src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
     return group_by_keys(files)
 
 
+class ShardIntegrityError(RuntimeError):
+    """A shard's bytes do not match the sha256 in its manifest."""
+
+
 def _open_shards(src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """Open each shard; once the tar reader asks for the next one (it has read this one to its
+    end), the rest of the stream is drained and the digest compared with the manifest's."""
     for item in src:
         url = item["url"]
         if urlparse(url).scheme in _NATIVE_SCHEMES:
             stream = gopen(url, "rb")
         else:
             stream = fsspec.open(url, "rb").open()
-        yield {**item, "stream": stream}
+        expected = _listed_sha256(url)
+        if expected is None:
+            yield {**item, "stream": stream}
+            continue
+        hashed = _HashingStream(stream)
+        yield {**item, "stream": hashed}
+        if (actual := hashed.finish()) != expected:
+            raise ShardIntegrityError(
+                f"shard {url}: sha256 {actual[:16]}... does not match its manifest's "
+                f"{expected[:16]}...; re-run the shard stage or restore the shard (dvc pull)"
+            )
+
+
+class _HashingStream:
+    """A read-only stream that hashes what passes through it."""
+
+    def __init__(self, stream: IO[bytes]) -> None:
+        self.stream, self.digest = stream, hashlib.sha256()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size)
+        self.digest.update(data)
+        return data
+
+    def finish(self) -> str:
+        """Hash what the reader left (tar padding), close, and return the hex digest."""
+        for block in iter(lambda: self.read(1 << 20), b""):
+            del block
+        self.stream.close()
+        return self.digest.hexdigest()
+
+    def close(self) -> None:
+        self.stream.close()
+
+
+def _listed_sha256(url: str) -> str | None:
+    """The sha256 the shard's manifest (beside it) lists, read when the shard is opened (a
+    rebuild or an append may have changed it); None for `pipe:` URLs and unlisted shards."""
+    if urlparse(url).scheme == "pipe":
+        return None
+    folder, _, name = url.rpartition("/")
+    fs, path = fsspec.core.url_to_fs(f"{folder}/manifest.json")
+    try:
+        with fs.open(path, "rt") as stream:
+            shards = json.load(stream)["shards"]
+    except FileNotFoundError:
+        return None
+    return next((s["sha256"] for s in shards if s["file"] == name), None)
 
 
 def _wanted(name: str) -> bool:

@@ -29,6 +29,7 @@ RAY_GCS_PORT = 6379  # `ray start --head`'s default, for an address given withou
 S3_PATHS = ("data.shards_dir", "train.storage_path", "tune.storage_path")
 S3_ENDPOINT_VARS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")  # botocore's precedence
 CREDENTIAL_VARS = "MLFLOW_TRACKING_USERNAME/PASSWORD or MLFLOW_TRACKING_TOKEN"
+S3_CREDENTIAL_VARS = "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
 
 
 def check_endpoints(params: Params, *, ray: bool = False, address: str | None = None) -> None:
@@ -138,16 +139,59 @@ def _check_mlflow_api(setting: str, uri: str) -> None:
 
 
 def check_object_store(params: Params) -> None:
-    """With s3:// paths and a custom endpoint (MinIO, moto, Ceph), that endpoint must answer.
-    AWS's own endpoints are not probed."""
+    """Each s3:// path's bucket must exist and accept our credentials. A custom endpoint
+    (MinIO, moto, Ceph) gets a TCP probe first; AWS's own endpoints are only asked about the
+    bucket."""
     flat = params.to_flat_dict()
-    s3_paths = [key for key in S3_PATHS if str(flat[key]).startswith("s3://")]
-    endpoint_var = next((name for name in S3_ENDPOINT_VARS if os.environ.get(name)), None)
-    if not s3_paths or endpoint_var is None:
+    s3_paths = {key: str(flat[key]) for key in S3_PATHS if str(flat[key]).startswith("s3://")}
+    if not s3_paths:
         return
-    url = os.environ[endpoint_var]
-    fix = f"start the object store or fix {endpoint_var} (used by {', '.join(s3_paths)})"
-    require_answer(f"{endpoint_var}={shown(url)}", url, fix)
+    endpoint_var = next((name for name in S3_ENDPOINT_VARS if os.environ.get(name)), None)
+    endpoint = "AWS S3"
+    if endpoint_var is not None:
+        url = os.environ[endpoint_var]
+        endpoint = f"{endpoint_var}={shown(url)}"
+        fix = f"start the object store or fix {endpoint_var} (used by {', '.join(s3_paths)})"
+        require_answer(endpoint, url, fix)
+    for setting, path in s3_paths.items():
+        _check_bucket(setting, path, endpoint)
+
+
+def _check_bucket(setting: str, path: str, endpoint: str) -> None:
+    """One listing of the path's first key through boto3 (the standard AWS environment),
+    without retries: it needs the credentials, the bucket and the read permission a stage
+    needs (a HEAD of the bucket is not authorised by every S3-compatible store)."""
+    import boto3
+    from botocore.config import Config
+    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+    parts = urlsplit(path)
+    bucket = parts.netloc
+    config = Config(
+        connect_timeout=CONNECT_TIMEOUT_S,
+        read_timeout=ANSWER_TIMEOUT_S,
+        retries={"max_attempts": 1, "mode": "standard"},
+    )
+    named = f"{setting}={path} ({endpoint})"
+    try:
+        client = boto3.session.Session().client("s3", config=config)  # today's environment
+        client.list_objects_v2(Bucket=bucket, Prefix=parts.path.lstrip("/"), MaxKeys=1)
+    except NoCredentialsError:
+        raise StageError(f"{named}: no AWS credentials found; set {S3_CREDENTIAL_VARS}") from None
+    except ClientError as error:
+        status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if status == 404:
+            raise StageError(
+                f"{named}: bucket {bucket} does not exist; create it or fix {setting}"
+            ) from None
+        if status in (400, 401, 403):
+            raise StageError(
+                f"{named}: the object store refused our credentials for bucket {bucket} (HTTP "
+                f"{status}); fix {S3_CREDENTIAL_VARS} or the bucket's policy"
+            ) from None
+        raise StageError(f"{named}: bucket {bucket} not usable (HTTP {status})") from None
+    except BotoCoreError as error:
+        raise StageError(f"{named}: {type(error).__name__}; check the endpoint") from None
 
 
 def ray_target(address: str | None) -> tuple[str, str] | None:

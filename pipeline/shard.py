@@ -5,7 +5,9 @@ Why it is built this way:
   names, mode 0444), PNG re-encoding without metadata, no timestamps in the manifest. Same input,
   byte-identical shards, so DVC hashes change only when the data does.
 - Atomic: everything is written into a hidden temp folder beside the split and moved into place
-  afterwards, the manifest last; a crash leaves the previous version intact and readable.
+  afterwards, the manifest last; a crash leaves the previous version intact and readable. On an
+  object store (s3://) the split is staged in a local folder and uploaded, new shards first and
+  the manifest last, so readers see the old manifest and its untouched shards until then.
 - Incremental for folders: a re-run shards only files whose content is new, into new shards
   numbered after the existing ones; old shards are never rewritten. Changing anything that shapes
   the output (image mode, shard sizes, class folders, max_pixels) rebuilds the split.
@@ -23,6 +25,7 @@ import multiprocessing
 import os
 import shutil
 import sys
+import tempfile
 import uuid
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
@@ -39,6 +42,7 @@ from webdataset import ShardWriter
 
 from pipeline.config import DataParams, Params
 from pipeline.dataset import data_version, manifest_version
+from pipeline.errors import StageError
 from pipeline.sources import (
     Candidate,
     Examined,
@@ -48,6 +52,7 @@ from pipeline.sources import (
     open_source,
     vote_mode,
 )
+from pipeline.storage import filesystem, is_remote, join, resolved
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +96,7 @@ class ShardSummary:
             )
         for split, entries in self.new_quarantine.items():
             if entries:
-                where = Path(self.shards_dir, split, QUARANTINE)
+                where = join(self.shards_dir, split, QUARANTINE)
                 lines.append(f"  quarantined in {split} this run: {len(entries)} (see {where})")
                 lines += [f"    {e['path']}: {e['reason']}" for e in entries[:max_listed]]
                 if len(entries) > max_listed:
@@ -156,6 +161,8 @@ class _Job:
 def shard(params: Params, source: str | None = None) -> ShardSummary:
     """Write `<shards_dir>/<split>/shard-NNNNNN.tar` + manifest.json + quarantine.jsonl."""
     cfg = params.data
+    if is_remote(cfg.shards_dir):
+        return _shard_to_object_store(params, source)
     src = open_source(source or cfg.source, cfg)
     root = Path(cfg.shards_dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -187,7 +194,7 @@ def input_key(params: Params, source: str | None = None) -> str:
     stage (Prefect caches on this), after checking the shards on disk are still that version."""
     cfg = params.data
     spec = source or cfg.source
-    settings = cfg.model_dump() | {"shards_dir": str(Path(cfg.shards_dir).resolve())}
+    settings = cfg.model_dump() | {"shards_dir": resolved(cfg.shards_dir)}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     digest.update(spec.encode())
     if Path(spec).is_dir():
@@ -197,6 +204,69 @@ def input_key(params: Params, source: str | None = None) -> str:
     else:
         digest.update(open_source(spec, cfg).fingerprint.encode())
     return digest.hexdigest()
+
+
+# --- object stores ---------------------------------------------------------------------------
+
+
+def _shard_to_object_store(params: Params, source: str | None) -> ShardSummary:
+    """An object store cannot rename a folder: shard into a local staging folder that starts
+    with the current manifests only (an append needs nothing else), then upload what changed."""
+    url = resolved(params.data.shards_dir)
+    fs, root = filesystem(url)
+    with tempfile.TemporaryDirectory(prefix="moco-shards-") as staging:
+        before: dict[str, dict[str, Any]] = {}
+        for path in fs.glob(f"{root}/*/{MANIFEST}"):
+            split = path.rstrip("/").split("/")[-2]
+            (Path(staging) / split).mkdir()
+            fs.get_file(path, str(Path(staging) / split / MANIFEST))
+            before[split] = json.loads((Path(staging) / split / MANIFEST).read_text())
+        data = params.data.model_copy(update={"shards_dir": staging})
+        summary = shard(params.model_copy(update={"data": data}), source)
+        _upload(url, Path(staging), before)
+    summary.shards_dir = url
+    return summary
+
+
+def _upload(url: str, staging: Path, before: dict[str, dict[str, Any]]) -> None:
+    """New shards of every split first, then quarantine lists, then manifests: a manifest is
+    only ever written after every shard it names. Splits the source no longer has lose their
+    manifest first, then their shards."""
+    fs, root = filesystem(url)
+    changed = {}
+    for split_dir in sorted(p for p in staging.iterdir() if p.is_dir()):
+        manifest = json.loads((split_dir / MANIFEST).read_text())
+        if manifest != before.get(split_dir.name):
+            changed[split_dir.name] = (manifest, before.get(split_dir.name))
+    for split, (manifest, old) in changed.items():
+        _refuse_rebuild(url, split, manifest, old)
+    for split, (manifest, old) in changed.items():
+        known = {s["file"] for s in old["shards"]} if old else set()
+        for name in (s["file"] for s in manifest["shards"]):
+            if name not in known:
+                fs.put_file(str(staging / split / name), f"{root}/{split}/{name}")
+    for name in (QUARANTINE, MANIFEST):
+        for split in changed:
+            fs.put_file(str(staging / split / name), f"{root}/{split}/{name}")
+    for split in sorted(set(before) - {p.name for p in staging.iterdir()}):
+        log.warning("%s/%s: not a split of this source; removing it", url, split)
+        fs.rm_file(f"{root}/{split}/{MANIFEST}")
+        fs.rm(f"{root}/{split}", recursive=True)
+
+
+def _refuse_rebuild(
+    url: str, split: str, manifest: dict[str, Any], old: dict[str, Any] | None
+) -> None:
+    """A rebuild would overwrite shards the current manifest names while readers use them."""
+    if old is None:
+        return
+    kept = {s["file"]: s["sha256"] for s in old["shards"]}
+    if any(kept.get(s["file"], s["sha256"]) != s["sha256"] for s in manifest["shards"]):
+        raise StageError(
+            f"data.shards_dir={url}: split '{split}' must be rebuilt (the source or a setting "
+            "that shapes the shards changed) and an object store cannot swap it atomically; "
+            f"delete {url}/{split} or set data.shards_dir to a new prefix"
+        )
 
 
 # --- per split ------------------------------------------------------------------------------

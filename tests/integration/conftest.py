@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from integration_helpers import FLOW, make_project
 from integration_helpers import write_fashion_images as write_images
+from object_store import make_bucket, moto_server
 
 
 @pytest.fixture
@@ -51,3 +52,22 @@ def flow_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.fixture
 def write_fashion_images():
     return write_images
+
+
+@pytest.fixture(scope="session")
+def s3_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """One moto S3 server for the session; its AWS_* settings are in os.environ meanwhile."""
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    with moto_server(log) as env, pytest.MonkeyPatch.context() as patch:
+        for name in ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+            patch.delenv(name, raising=False)
+        for name, value in env.items():
+            patch.setenv(name, value)
+        yield env
+
+
+@pytest.fixture
+def s3_bucket(s3_env: dict[str, str], request: pytest.FixtureRequest) -> str:
+    """A fresh bucket per test: `s3://<test name>`."""
+    name = request.node.name.lower().replace("_", "-")[:40].strip("-") + f"-{os.getpid()}"
+    return make_bucket(name)
