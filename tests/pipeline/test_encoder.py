@@ -6,21 +6,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.config import ConfigError, load_params
+from pipeline.config import ConfigError, ModelParams, load_params
 from pipeline.encoder import SPEC_FILE, EncoderSpec, load_encoder, save_encoder
 
 
 def spec(stem_stride: int) -> EncoderSpec:
-    return EncoderSpec(
-        backbone="resnet18",
-        width=8,
-        small_stem=True,
-        in_channels=1,
-        image_size=28,
-        mean=(0.3,),
-        std=(0.35,),
-        stem_stride=stem_stride,
-    )
+    return EncoderSpec.from_params(ModelParams(width=8, stem_stride=stem_stride))
 
 
 def test_stride_two_encoder_round_trips(tmp_path: Path) -> None:
@@ -42,11 +33,6 @@ def test_spec_without_stem_stride_loads_the_stride_one_stem(tmp_path: Path) -> N
     (tmp_path / SPEC_FILE).write_text(json.dumps(old))
     loaded, loaded_spec = load_encoder(tmp_path)
     assert loaded_spec.stem_stride == 1 and loaded[1].conv1.stride == (1, 1)
-
-
-def test_params_stem_stride_reaches_the_spec() -> None:
-    params = load_params(None, ["model.stem_stride=2"])
-    assert EncoderSpec.from_params(params.model).stem_stride == 2
 
 
 def test_stride_two_without_small_stem_is_refused() -> None:
