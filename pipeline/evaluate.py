@@ -417,7 +417,11 @@ def _supervised(
             found["linear_top1"] = accuracy
             if len(data.robust_index):
                 found.update(_robustness(params, net, data, progress, keys.SUPERVISED))
-    return {keys.for_subject(keys.SUPERVISED, k): v for k, v in found.items()}
+    found = {keys.for_subject(keys.SUPERVISED, k): v for k, v in found.items()}
+    # Its budget beside its scores (the retrain summary lists every metric): a cheap floor,
+    # a fraction of an epoch by default, not a tuned supervised result.
+    found[keys.SUPERVISED_EPOCHS] = budget.steps * budget.batch_size / len(data.train)
+    return found
 
 
 def _label_free(params: Params, subject: _Subject, images: Tensor) -> dict[str, float]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 ENCODER = "encoder"
 REFERENCES = ("pixels", "random")
 SUPERVISED = "supervised"
+SUPERVISED_EPOCHS = "supervised_train_epochs"  # the baseline's budget: passes over the train split
 
 
 def for_subject(subject: str, key: str) -> str:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from evaluation_helpers import tiny_params
 
+from pipeline.dataset import read_manifest
 from pipeline.evaluate import EvalReport, evaluate, score
 
 
@@ -34,7 +35,7 @@ def test_same_seed_same_numbers(runs: Runs) -> None:
     assert any((runs.root / "features").rglob("train.npy")), "no feature cache was written"
 
 
-def test_report_keys(runs: Runs) -> None:
+def test_report_keys(runs: Runs, digits_shards: Path) -> None:
     m = runs.first.metrics
     own = [
         "knn_top1",
@@ -64,6 +65,9 @@ def test_report_keys(runs: Runs) -> None:
     assert "noise20_supervised_top1" not in m
     for key in ("fgsm_eps0.05", "pgd_eps0.05", "corruption_mean"):
         assert f"{key}_supervised_top1" in m
+    # its budget, stated: 10 steps x 16 images over the digits train split
+    train_images = sum(s["samples"] for s in read_manifest(digits_shards, "train")["shards"])
+    assert m["supervised_train_epochs"] == pytest.approx(10 * 16 / train_images)
     for key in ("rankme", "alignment", "uniformity"):  # label-free, on the test split here
         assert key in m and f"pixels_{key}" in m and f"random_{key}" in m, key
     assert 1.0 <= m["rankme"] <= 64 and 0.0 <= m["alignment"] <= 4.0 and m["uniformity"] <= 0.0
@@ -72,6 +76,7 @@ def test_report_keys(runs: Runs) -> None:
         v
         for k, v in m.items()
         if not k.endswith("_ci95")
+        and k != "supervised_train_epochs"
         and k.removeprefix("pixels_").removeprefix("random_") not in label_free
     ]
     assert all(0.0 <= v <= 1.0 for v in accuracies)
