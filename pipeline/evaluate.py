@@ -471,18 +471,22 @@ def _versus_production(
         return {}
     uri, trained_on = found
     production, production_spec = load_encoder(uri)
-    if asdict(production_spec) != asdict(spec):
-        return {}  # another architecture: no common input to compare on
     subject = _Subject("production", feature_net(production), None, candidate.bf16)
+    shape = (spec.in_channels, spec.image_size)
+    same_input = (production_spec.in_channels, production_spec.image_size) == shape
     metrics: dict[str, float] = {}
-    if data.heldout is not None:
+    if data.heldout is not None and same_input:  # another width or stem is fine; not a new input
         size = params.eval.batch_size
         mine, theirs = (_embed(s, data.heldout, size) for s in (candidate, subject))
         metrics[keys.AGREEMENT] = neighbourhood_agreement(mine, theirs, params.eval.agreement_k)
     sides = drift_sides(params, trained_on) if trained_on else None
     if sides is not None:
         old, new = (
-            _embed(subject, _images(side, spec, params, progress, "drift"), params.eval.batch_size)
+            _embed(
+                subject,
+                _images(side, production_spec, params, progress, "drift"),
+                params.eval.batch_size,
+            )
             for side in sides
         )
         drift = mmd_drift(
