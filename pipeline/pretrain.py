@@ -33,6 +33,7 @@ from pipeline.plots import plot_training_curves
 from pipeline.preflight import check_endpoints
 from pipeline.ray_cluster import check_resources, ensure_ray
 from pipeline.registry import TRAIN_SAMPLES_TAG
+from pipeline.storage import join, read_text, resolved, write_text
 from pipeline.tracking import (
     end_run_failed,
     git_commit,
@@ -184,16 +185,15 @@ def pretrain(
     worker_config = plan(params)
     t = params.train
     check_resources(ensure_ray(address), t.num_workers, t.cpus_per_worker, t.use_gpu)
-    storage = Path(t.storage_path).resolve()
-    storage.mkdir(parents=True, exist_ok=True)
-    latest = storage / LATEST_RUN_FILE
+    storage = resolved(t.storage_path)  # a local folder or s3://... (every node reaches it)
+    latest = join(storage, LATEST_RUN_FILE)
 
     experiment_id = setup_mlflow(params)
     version = data_version(params.data.shards_dir)
     if resume:
-        if not latest.exists():
+        if (record := read_text(latest)) is None:
             raise ValueError(f"{latest}: no earlier pretraining to resume; run without --resume")
-        run_id = json.loads(latest.read_text())["run_id"]
+        run_id = json.loads(record)["run_id"]
         mlflow.start_run(run_id=run_id)
     else:
         mlflow.start_run(experiment_id=experiment_id, run_name=run_name or f"pretrain-{version}")
@@ -211,7 +211,7 @@ def pretrain(
         )
         log_dataset(params.data.shards_dir, "train-stream", version, "training")
         run_id = mlflow.active_run().info.run_id
-        latest.write_text(json.dumps({"run_id": run_id}))
+        write_text(latest, json.dumps({"run_id": run_id}))
     try:
         reporter = EpochReporter(tracking_uri(params), run_id, t.epochs)
         trainer = build_trainer(
@@ -251,10 +251,12 @@ def build_trainer(
     worker_config: WorkerConfig,
     *,
     name: str,
-    storage: Path,
+    storage: str,
     callbacks: list[UserCallback],
 ) -> TorchTrainer:
-    """A TorchTrainer for `params.train`'s workers: gloo on CPUs, NCCL on GPUs."""
+    """A TorchTrainer for `params.train`'s workers: gloo on CPUs, NCCL on GPUs. `storage` is
+    an absolute folder or an s3:// URL (pyarrow's S3 client, configured by each node's AWS_*
+    environment: the credentials never travel in the job's runtime environment)."""
     t = params.train
     return TorchTrainer(
         train_loop,
@@ -267,7 +269,7 @@ def build_trainer(
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         run_config=RunConfig(
             name=name,
-            storage_path=str(storage),
+            storage_path=storage,
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             # a worker group that cannot start (RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S) fails
             # the run after one more try instead of retrying forever

@@ -12,6 +12,7 @@ from pipeline.preflight import check_ray_address
 # A worker group that cannot be placed fails fast instead of hanging (stack notes: a Tune +
 # Train placement-group leak once made trial 2 wait forever).
 os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "120")
+JOB_ENV = ("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S",)
 
 
 def ensure_ray(address: str | None = None) -> dict[str, float]:
@@ -24,7 +25,10 @@ def ensure_ray(address: str | None = None) -> dict[str, float]:
     """
     if not ray.is_initialized():
         if target := check_ray_address(address):
-            ray.init(address=target, log_to_driver=True)
+            # the Train controllers run on the cluster's nodes, which do not see this process's
+            # environment: the job's runtime_env carries the start timeout to them
+            timeout = {name: os.environ[name] for name in JOB_ENV}
+            ray.init(address=target, log_to_driver=True, runtime_env={"env_vars": timeout})
         else:
             ray.init(
                 address="local",

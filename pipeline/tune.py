@@ -8,6 +8,7 @@ per sweep and one nested child run per trial; the best config is written in para
 from __future__ import annotations
 
 import csv
+import io
 import json
 import time
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from pipeline.plots import plot_parallel_coordinates
 from pipeline.preflight import check_endpoints
 from pipeline.pretrain import EpochReporter, build_trainer, fit, plan
 from pipeline.ray_cluster import ensure_ray
+from pipeline.storage import join, read_text, resolved, write_text
 from pipeline.tracking import end_run_failed, git_commit, setup_mlflow, tracking_uri
 from pipeline.train_worker import is_mid_epoch
 
@@ -47,7 +49,7 @@ class TrialSetup:
     tracking: str
     experiment_id: str
     parent_run_id: str
-    train_storage: str  # absolute: Tune trials run in their own working folders
+    train_storage: str  # absolute or s3://: Tune trials run in their own working folders
 
 
 @dataclass
@@ -121,7 +123,7 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
         params,
         plan(params),
         name=f"trial-{trial_id}",
-        storage=Path(setup.train_storage),
+        storage=setup.train_storage,
         # MLflow first: once Tune hears the epoch, ASHA may stop (kill) this trial at once
         callbacks=[
             EpochReporter(setup.tracking, run_id, params.train.epochs, label=trial_id),
@@ -174,25 +176,25 @@ def check_fits(tp: TuneParams, resources: dict[str, float]) -> None:
             )
 
 
-def _experiment(params: Params, storage: Path, resume: bool) -> tuple[str, Path]:
-    """The sweep's name and folder: a new (timestamped) one, or the latest one to resume."""
-    latest = storage / LATEST_SWEEP_FILE
+def _experiment(params: Params, storage: str, resume: bool) -> tuple[str, str]:
+    """The sweep's name and folder (a path or an s3:// URL): a new (timestamped) one, or the
+    latest one to resume."""
     if resume:
         name = params.tune.name
-        if not name and latest.exists():
-            name = json.loads(latest.read_text())["name"]
-        if not name or not tune.Tuner.can_restore(str(storage / name)):
+        if not name and (record := read_text(join(storage, LATEST_SWEEP_FILE))):
+            name = json.loads(record)["name"]
+        if not name or not tune.Tuner.can_restore(join(storage, name)):
             raise ValueError(
-                f"{storage / (name or '<latest>')}: no sweep to resume; run without --resume"
+                f"{join(storage, name or '<latest>')}: no sweep to resume; run without --resume"
             )
-        return name, storage / name
+        return name, join(storage, name)
     name = params.tune.name or time.strftime("sweep-%Y%m%d-%H%M%S")
-    if tune.Tuner.can_restore(str(storage / name)):
+    if tune.Tuner.can_restore(join(storage, name)):
         raise ValueError(
-            f"{storage / name}: a sweep of that name exists; pass --resume to continue it or "
-            "set tune.name to a new name"
+            f"{join(storage, name)}: a sweep of that name exists; pass --resume to continue it "
+            "or set tune.name to a new name"
         )
-    return name, storage / name
+    return name, join(storage, name)
 
 
 def sweep(params: Params, *, resume: bool = False, address: str | None = None) -> SweepResult:
@@ -207,29 +209,26 @@ def sweep(params: Params, *, resume: bool = False, address: str | None = None) -
             "tune.metric knn_top1 needs labelled train and test shards and eval.monitor_bank > 0;"
             " set tune.metric: loss for unlabelled data"
         )
-    storage = Path(tp.storage_path).resolve()
+    storage = resolved(tp.storage_path)
     name, folder = _experiment(params, storage, resume)
     check_fits(tp, ensure_ray(address))
-    storage.mkdir(parents=True, exist_ok=True)
-    (storage / LATEST_SWEEP_FILE).write_text(json.dumps({"name": name}))
+    write_text(join(storage, LATEST_SWEEP_FILE), json.dumps({"name": name}))
     experiment_id = setup_mlflow(params)
-    parent_run_id = _parent_run(params, experiment_id, folder, name, resume)
-    shards = Path(params.data.shards_dir).resolve()  # trials run in their own folders
+    parent_run_id = _parent_run(params, experiment_id, storage, name, resume)
+    shards = resolved(params.data.shards_dir)  # trials run in their own folders
     setup = TrialSetup(
-        params=with_overrides(
-            params, {"data.shards_dir": str(shards)}, keep_space=True
-        ).model_dump(),
+        params=with_overrides(params, {"data.shards_dir": shards}, keep_space=True).model_dump(),
         tracking=tracking_uri(params),
         experiment_id=experiment_id,
         parent_run_id=parent_run_id,
-        train_storage=str(folder / "train"),
+        train_storage=join(folder, "train"),
     )
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, setup=setup), {"cpu": tp.trial_cpus, "gpu": 0}
     )
     try:
         if resume:
-            tuner = tune.Tuner.restore(str(folder), trainable=trainable, resume_errored=True)
+            tuner = tune.Tuner.restore(folder, trainable=trainable, resume_errored=True)
         else:
             tuner = tune.Tuner(
                 trainable,
@@ -246,7 +245,7 @@ def sweep(params: Params, *, resume: bool = False, address: str | None = None) -
                         reduction_factor=tp.reduction_factor,
                     ),
                 ),
-                run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=1),
+                run_config=tune.RunConfig(name=name, storage_path=storage, verbose=1),
             )
         trials = _record_trials(tuner.fit(), setup, tp)
         result = _record_best(params, trials, folder)
@@ -257,11 +256,11 @@ def sweep(params: Params, *, resume: bool = False, address: str | None = None) -
     return result
 
 
-def _parent_run(params: Params, experiment_id: str, folder: Path, name: str, resume: bool) -> str:
+def _parent_run(params: Params, experiment_id: str, storage: str, name: str, resume: bool) -> str:
     """Start (or reopen, on --resume) the sweep's parent run, recording the search space."""
-    record = folder.with_name(f"{name}.{PARENT_FILE}")  # beside Tune's folder, not inside
-    if resume and record.exists():
-        return mlflow.start_run(run_id=json.loads(record.read_text())["run_id"]).info.run_id
+    record = join(storage, f"{name}.{PARENT_FILE}")  # beside Tune's folder, not inside
+    if resume and (text := read_text(record)) is not None:
+        return mlflow.start_run(run_id=json.loads(text)["run_id"]).info.run_id
     run = mlflow.start_run(experiment_id=experiment_id, run_name=name)
     tp = params.tune
     mlflow.log_params({f"tune.{k}": v for k, v in tp.model_dump(exclude={"space"}).items()})
@@ -273,7 +272,7 @@ def _parent_run(params: Params, experiment_id: str, folder: Path, name: str, res
             "data_version": data_version(params.data.shards_dir),
         }
     )
-    record.write_text(json.dumps({"run_id": run.info.run_id}))
+    write_text(record, json.dumps({"run_id": run.info.run_id}))
     return run.info.run_id
 
 
@@ -320,7 +319,7 @@ def _record_trials(grid, setup: TrialSetup, tp: TuneParams) -> list[dict[str, An
     return rows
 
 
-def _record_best(params: Params, trials: list[dict[str, Any]], folder: Path) -> SweepResult:
+def _record_best(params: Params, trials: list[dict[str, Any]], folder: str) -> SweepResult:
     """Pick the best trial among those that ran the full schedule; write and log its config."""
     tp = params.tune
     scored = [t for t in trials if t["stop_reason"] != "failed" and t[tp.metric] is not None]
@@ -332,15 +331,15 @@ def _record_best(params: Params, trials: list[dict[str, Any]], folder: Path) -> 
     values = {k: best[k] for k in tp.space}
     dump_params(with_overrides(params, values, keep_space=True), tp.best_params_file)
 
-    table = folder / "trials.csv"
     trials = sorted(scored, key=lambda t: t[tp.metric], reverse=tp.mode == "max") + [
         t for t in trials if t not in scored
     ]
-    with table.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(trials[0]))
-        writer.writeheader()
-        writer.writerows(trials)
-    mlflow.log_artifact(str(table))
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=list(trials[0]))
+    writer.writeheader()
+    writer.writerows(trials)
+    write_text(join(folder, "trials.csv"), table.getvalue())
+    mlflow.log_text(table.getvalue(), "trials.csv")
     mlflow.log_artifact(tp.best_params_file)
     log_axes = [k for k, d in tp.space.items() if d.type.startswith("log")]
     mlflow.log_figure(
@@ -350,7 +349,7 @@ def _record_best(params: Params, trials: list[dict[str, Any]], folder: Path) -> 
     mlflow.log_metric(f"best_{tp.metric}", best[tp.metric])
     mlflow.set_tags({"best_trial": best["trial_id"], "best_run_id": best["run_id"]})
     return SweepResult(
-        name=folder.name,
+        name=folder.rsplit("/", 1)[-1],
         parent_run_id=mlflow.active_run().info.run_id,
         best_params_file=tp.best_params_file,
         best_values=values,

@@ -10,6 +10,7 @@ import pytest
 from integration_helpers import FLOW, make_project
 from integration_helpers import write_fashion_images as write_images
 from object_store import make_bucket, moto_server
+from ray_nodes import TwoNodeCluster
 
 
 @pytest.fixture
@@ -71,3 +72,16 @@ def s3_bucket(s3_env: dict[str, str], request: pytest.FixtureRequest) -> str:
     """A fresh bucket per test: `s3://<test name>`."""
     name = request.node.name.lower().replace("_", "-")[:40].strip("-") + f"-{os.getpid()}"
     return make_bucket(name)
+
+
+@pytest.fixture(scope="session")
+def two_nodes(
+    s3_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[TwoNodeCluster]:
+    """One head + one worker node (1 CPU each) for the session, with the S3 settings."""
+    cluster = TwoNodeCluster(tmp_path_factory.mktemp("two-nodes"), dict(s3_env))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()

@@ -43,11 +43,13 @@ def wait_for_port(port: int, timeout: float, process: subprocess.Popen | None = 
     raise TimeoutError(f"nothing answered on 127.0.0.1:{port} within {timeout:g} s")
 
 
-def stop_group(process: subprocess.Popen, timeout: float = STOP_TIMEOUT_S) -> None:
-    """SIGTERM the process group started for `process`, SIGKILL it if it lingers."""
+def stop_group(
+    process: subprocess.Popen, timeout: float = STOP_TIMEOUT_S, first: int = signal.SIGTERM
+) -> None:
+    """Signal the process group started for `process` (SIGTERM), SIGKILL it if it lingers."""
     if process.poll() is not None:
         return
-    os.killpg(process.pid, signal.SIGTERM)
+    os.killpg(process.pid, first)
     try:
         process.wait(timeout)
     except subprocess.TimeoutExpired:
