@@ -287,9 +287,14 @@ class Params(_Section):
     registry: RegistryParams = RegistryParams()
     tune: TuneParams = TuneParams()
 
+    @property
+    def keys_per_step(self) -> int:
+        """Keys enqueued per optimizer step, all ranks together (both views when symmetric)."""
+        return self.train.global_batch * (2 if self.moco.symmetric else 1)
+
     @model_validator(mode="after")
     def _queue_fits_batch(self) -> Params:
-        keys_per_step = self.train.global_batch * (2 if self.moco.symmetric else 1)
+        keys_per_step = self.keys_per_step
         if self.moco.queue_size < keys_per_step:
             raise ValueError(
                 f"moco.queue_size: {self.moco.queue_size} is smaller than the keys enqueued "

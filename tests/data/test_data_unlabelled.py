@@ -55,7 +55,7 @@ def test_an_unlabelled_folder_keeps_every_valid_image_at_any_depth(tmp_path, mak
     assert set(reasons) == set(expected)
     for path, word in expected.items():
         assert word in reasons[path], (path, reasons[path])
-    kept = {
+    listed = {
         json.loads(line)["path"]
         for line in (Path(summary.shards_dir) / "train/quarantine.jsonl").open()
     }

@@ -110,7 +110,8 @@ def test_resume_continues_the_same_run_from_its_checkpoint(
         batch_size=t.batch_size,
     )
     size = held["queue"]["keys"].shape[1]
-    assert int(final["queue"]["ptr"]) == (int(held["queue"]["ptr"]) + steps * t.global_batch) % size
+    enqueued = steps * params.keys_per_step
+    assert int(final["queue"]["ptr"]) == (int(held["queue"]["ptr"]) + enqueued) % size
 
 
 def test_a_killed_worker_is_survived_from_the_last_checkpoint(
@@ -158,7 +159,7 @@ def test_a_worker_lost_mid_epoch_costs_only_the_steps_since_the_last_checkpoint(
     final = torch.load(checkpoints(result.run_id)[-1] / STATE_FILE, weights_only=True)
     assert (final["epoch"], final["step"]) == (0, steps)
     # one epoch of keys in all: the queue went on from the checkpoint's pointer
-    assert int(final["queue"]["ptr"]) == steps * t.global_batch % 1000
+    assert int(final["queue"]["ptr"]) == steps * params.keys_per_step % 1000
 
 
 def pretrain_killing_a_worker(params: Params):
