@@ -43,6 +43,8 @@ def retrain_summary(
     shards = "sharding skipped: inputs unchanged" if cached else f"sharded: {new}"
     benchmark = report.versions.get("benchmark_version")
     measured = f"benchmark `{benchmark}`" if benchmark else "no labelled benchmark"
+    if benchmark and benchmark == report.data_version:
+        measured = f"the source's own labelled splits `{benchmark}`"
     return "\n".join(
         [
             "## moco-pipeline retrain",
