@@ -26,6 +26,7 @@ from flows.tasks import (
 from pipeline.config import Params, load_params
 from pipeline.dataset import data_version
 from pipeline.evaluation.data import require_evaluable
+from pipeline.preflight import check_endpoints
 from pipeline.pretrain import warm_start_or_scratch
 from pipeline.shard import ShardSummary
 from pipeline.summary import retrain_summary
@@ -52,6 +53,7 @@ def retrain(params_file: str = "params.yaml", overrides: list[str] | None = None
 
     `overrides` are `key=value` settings, as `mocopipe --set` takes them."""
     params = load_params(params_file, overrides)
+    check_endpoints(params, ray=True)  # a dead server is refused now, not after the sharding
     with project_lock(), restored_on_failure(Path("dvc.lock")):
         sharded, cached = _shard(params)
         print("shard: skipped, inputs unchanged (cached)" if cached else sharded.render())

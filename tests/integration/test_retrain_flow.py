@@ -122,7 +122,7 @@ def test_a_failing_stage_fails_the_flow_and_leaves_production_and_data_versions(
     state = retrain(params_file="params.yaml", return_state=True)
 
     assert state.is_failed()
-    assert "http://127.0.0.1:9 is unreachable" in str(state.result(raise_on_failure=False))
+    assert "nothing answers at 127.0.0.1:9" in str(state.result(raise_on_failure=False))
     after = MlflowClient(tracking).get_model_version_by_alias("moco-encoder", PRODUCTION)
     assert after.version == production.version
     assert (flow_project / "dvc.lock").read_text() == lock_before
