@@ -74,11 +74,16 @@ def s3_bucket(s3_env: dict[str, str], request: pytest.FixtureRequest) -> str:
     return make_bucket(name)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def two_nodes(
     s3_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[TwoNodeCluster]:
-    """One head + one worker node (1 CPU each) for the session, with the S3 settings."""
+    """One head + one worker node (1 CPU each) for the module's tests, with the S3 settings.
+
+    Not for the session: while a second Ray instance runs on the machine, Ray Train's
+    placement-group cleaner in the tests' local instance cannot tell which one is its own
+    ("Found multiple active Ray instances"), leaked groups pile up and the next Tune trial's
+    workers are never placed."""
     cluster = TwoNodeCluster(tmp_path_factory.mktemp("two-nodes"), dict(s3_env))
     try:
         cluster.start()
