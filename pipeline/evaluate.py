@@ -65,7 +65,13 @@ from pipeline.evaluation.probes import (
 from pipeline.evaluation.robustness import robustness_metrics
 from pipeline.evaluation.supervised import SupervisedBudget, train_supervised
 from pipeline.registry import production_model
-from pipeline.tracking import log_dataset, log_eval_metrics, run_id_of, setup_mlflow
+from pipeline.tracking import (
+    exported_run,
+    log_dataset,
+    log_eval_metrics,
+    run_id_of,
+    setup_mlflow,
+)
 
 REFERENCES = keys.REFERENCES
 
@@ -141,7 +147,9 @@ class _Assessment:
 def evaluate(params: Params, model: str) -> EvalReport:
     """Score the encoder at `model` (folder, runs:/ or models:/ URI): metrics.json, plots, and
     both logged to the model's MLflow run when it has one."""
-    assessment = _assess(params, model, references=True, versus_production=True)
+    # an untracked folder (no MLflow run) is scored alone: nothing to compare it with or record
+    tracked = _is_uri(model) or bool(exported_run(model))
+    assessment = _assess(params, model, references=True, versus_production=tracked)
     versions = assessment.versions
     report = EvalReport(model, versions["data_version"], assessment.metrics, versions=versions)
     if assessment.plot_inputs is not None:
