@@ -1,8 +1,10 @@
 """The `sweep` flow: tune -> pretrain the best config -> evaluate -> promote.
 
-The sweep's outputs live under its own folder (runs/tune/<sweep>/best), not in the DVC-tracked
-models/encoder, metrics.json and promotion.json: those record what params.yaml produced. To
-make the sweep's config the project's, copy tune/best.yaml into params.yaml and retrain.
+The sweep's outputs live under its own folder (<tune.storage_path>/<sweep>/best), not in the
+DVC-tracked models/encoder, metrics.json and promotion.json: those record what params.yaml
+produced. With `tune.storage_path` on an object store the best run's Ray checkpoints go there and
+its local files (encoder, metrics, plots, decision) to runs/tune/<sweep>/best. To make the sweep's
+config the project's, copy tune/best.yaml into params.yaml and retrain.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows.lock import project_lock
 from flows.tasks import benchmark_task, pretrain_and_evaluate, promote_task, tune_task
+from pipeline import storage
 from pipeline.config import load_params, with_overrides
 from pipeline.evaluation.data import require_evaluable
 from pipeline.summary import sweep_summary
@@ -30,12 +33,13 @@ def sweep(
         require_evaluable(params)
         swept = tune_task(params, resume=resume)
         print(swept.render())
-        out = Path(params.tune.storage_path) / swept.name / "best"
+        remote = storage.join(params.tune.storage_path, swept.name, "best")
+        out = Path("runs/tune", swept.name, "best") if storage.is_remote(remote) else Path(remote)
         best = with_overrides(
             load_params(swept.best_params_file),
             {
                 "train.output_dir": str(out / "encoder"),
-                "train.storage_path": str(out / "ray"),
+                "train.storage_path": storage.join(remote, "ray"),
                 "eval.metrics_file": str(out / "metrics.json"),
                 "eval.plots_dir": str(out / "eval_plots"),
             },
