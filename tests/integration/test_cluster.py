@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 from ray_nodes import RAY, TwoNodeCluster
 
 from pipeline.config import load_params
-from pipeline.dataset import steps_per_epoch
+from pipeline.pretrain import plan
 from pipeline.shard import shard
 from pipeline.train_worker import STATE_FILE
 
@@ -100,14 +100,7 @@ def test_pretrain_survives_losing_a_node_mid_epoch(
     assert client.get_run(run_id).info.status == "FINISHED"
     resumed = client.get_metric_history(run_id, "resumed_at_step")
     params = load_params("params.yaml", settings)
-    t = params.train
-    steps = steps_per_epoch(
-        params.data.shards_dir,
-        "train",
-        world_size=t.num_workers,
-        loader_workers=t.loader_workers,
-        batch_size=t.batch_size,
-    )
+    steps = plan(params).steps_per_epoch
     assert len(resumed) == 1 and 0 < resumed[0].value < steps
     speed = client.get_metric_history(run_id, "images_per_s")
     print(f"2-node run: {speed[-1].value:.0f} images/s, resumed at step {resumed[0].value:g}")

@@ -17,10 +17,9 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import Params, load_params
-from pipeline.dataset import steps_per_epoch
 from pipeline.encoder import load_encoder
 from pipeline.errors import StageError
-from pipeline.pretrain import pretrain
+from pipeline.pretrain import plan, pretrain
 from pipeline.shard import shard
 from pipeline.train_worker import QUEUE_FILE, STATE_FILE
 
@@ -101,14 +100,7 @@ def test_resume_continues_the_same_run_from_its_checkpoint(
     final = torch.load(checkpoints(first.run_id)[-1] / STATE_FILE, weights_only=True)
     assert final["epoch"] == 1
     # the queue went on from the held pointer by exactly one epoch of enqueued keys
-    t = params.train
-    steps = steps_per_epoch(
-        params.data.shards_dir,
-        "train",
-        world_size=t.num_workers,
-        loader_workers=t.loader_workers,
-        batch_size=t.batch_size,
-    )
+    steps = plan(params).steps_per_epoch
     size = held["queue"]["keys"].shape[1]
     enqueued = steps * params.keys_per_step
     assert int(final["queue"]["ptr"]) == (int(held["queue"]["ptr"]) + enqueued) % size
@@ -140,14 +132,7 @@ def test_a_worker_lost_mid_epoch_costs_only_the_steps_since_the_last_checkpoint(
         "train.checkpoint_every_minutes=0",
     )
     assert params.train.max_failures == 1
-    t = params.train
-    steps = steps_per_epoch(
-        params.data.shards_dir,
-        "train",
-        world_size=t.num_workers,
-        loader_workers=t.loader_workers,
-        batch_size=t.batch_size,
-    )
+    steps = plan(params).steps_per_epoch
 
     result = pretrain_killing_a_worker(params)
 
