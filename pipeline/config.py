@@ -42,7 +42,7 @@ class DataParams(_Section):
 
 
 class ModelParams(_Section):
-    backbone: Literal["resnet18", "resnet50"] = "resnet18"
+    backbone: Literal["resnet10", "resnet18", "resnet50"] = "resnet18"
     width: int = Field(16, ge=4)
     small_stem: bool = True  # 3x3 first conv, no max-pool (false: ImageNet's 7x7 stride 2 + pool)
     stem_stride: Literal[1, 2] = 1  # of the small stem; 2 halves the maps (28 -> 14 px), 4x cheaper
@@ -80,6 +80,7 @@ class MocoParams(_Section):
     symmetric: bool = False
     bn_splits: int = Field(2, ge=1)  # single-process shuffle BN emulation (official CIFAR demo)
     augmentation: Literal["v1", "v2"] = "v2"
+    crop_min_scale: float = Field(0.2, gt=0.0, le=1.0)  # RandomResizedCrop's lower area bound
 
 
 class TrainParams(_Section):

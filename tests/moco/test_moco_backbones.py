@@ -16,6 +16,7 @@ from moco import build_backbone, projection_head
         ("resnet18", 32, True, 1, 256),
         ("resnet18", 32, False, 3, 256),
         ("resnet18", 16, True, 3, 128),
+        ("resnet10", 16, True, 1, 128),
         ("resnet50", 16, True, 1, 512),
         ("resnet50", 16, False, 3, 512),
     ],
@@ -107,3 +108,10 @@ def test_projection_heads() -> None:
     assert [type(m) for m in mlp] == [nn.Linear, nn.ReLU, nn.Linear]
     assert mlp[0].out_features == 64
     assert projection_head(64, 16, hidden_dim=32)(torch.rand(3, 64)).shape == (3, 16)
+
+
+def test_resnet10_has_one_basic_block_per_stage() -> None:
+    net, _ = build_backbone("resnet10", width=16, in_channels=1)
+    assert [len(getattr(net, f"layer{i}")) for i in range(1, 5)] == [1, 1, 1, 1]
+    blocks = [n for n in net.state_dict() if n.endswith("conv1.weight") and n.startswith("layer")]
+    assert len(blocks) == 4
