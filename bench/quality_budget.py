@@ -5,11 +5,12 @@ they reach in the same training time. One process (no Ray): the params file's Mo
 and stepped as a worker does (build_model, MoCo.forward, the batched two-crop augmentation, the
 worker's optimizer and lr scaling, train.precision resolved as a worker resolves it), trained on
 the train split held in memory (decoded once, so the clock measures training, not PNG decoding),
-with a cosine lr over the budget. Minutes are CPU time per thread (see Budget), so a budget is
-the same work on a shared machine. At --checkpoints evenly spaced points the clock stops and the
-frozen backbone is scored by the evaluate stage's own code: weighted kNN (eval.knn_k, eval.knn_t;
-every train image is the bank, every test image a query) and, at the end, the linear probe; the
-same protocol on raw pixels is the reference. Ends with ONE JSON line; --jsonl appends it to a
+with a cosine lr over the budget (after train.warmup_epochs of linear warm-up). Minutes are CPU
+time per thread (see Budget), so a budget is the same work on a shared machine. At
+--checkpoints evenly spaced points the clock stops and the frozen backbone is scored by the
+evaluate stage's own code: weighted kNN (eval.knn_k, eval.knn_t; every train image is the bank,
+every test image a query) and, at the end, the linear probe; the same protocol on raw pixels is
+the reference. Ends with ONE JSON line; --jsonl appends it to a
 file that bench/plot_quality.py draws. Example:
 
     .venv/bin/python bench/quality_budget.py --params params.yaml --minutes 3 \
@@ -32,7 +33,7 @@ from torch import nn
 from train_step import matmul_peak_gflops
 
 from moco import cosine_momentum, cosine_with_warmup
-from moco.augment import BatchMoCoAugment, BatchTwoCrops
+from moco.augment import BatchTwoCrops
 from pipeline.config import Params, load_params, with_overrides
 from pipeline.dataset import read_manifest
 from pipeline.evaluation.features import LabelledSplit, extract, feature_net, load_split
@@ -40,7 +41,7 @@ from pipeline.evaluation.knn import knn_top1
 from pipeline.evaluation.probes import ProbeRecipe, fit_probe, top1
 from pipeline.precision import ModelShape, cpu_model, resolve_precision
 from pipeline.shard import shard
-from pipeline.train_worker import build_model
+from pipeline.train_worker import build_augment, build_model
 
 SCHEDULE_STEPS = 10_000  # resolution of the budget-fraction lr / momentum schedules
 
@@ -92,6 +93,16 @@ def ensure_shards(params: Params) -> None:
         read_manifest(params.data.shards_dir, "test")
     except FileNotFoundError:
         shard(params)
+
+
+def warmup_steps(warmup_epochs: float, train_size: int, images: int | None) -> int:
+    """train.warmup_epochs as schedule steps: a fraction of an --images budget. A --minutes
+    budget has no fixed number of images, so it is refused there rather than guessed."""
+    if not warmup_epochs:
+        return 0
+    if images is None:
+        raise SystemExit("train.warmup_epochs needs an --images budget (epochs -> images)")
+    return min(SCHEDULE_STEPS, round(warmup_epochs * train_size / images * SCHEDULE_STEPS))
 
 
 def scores(
@@ -152,16 +163,17 @@ def main() -> None:
         weight_decay=t.weight_decay,
     )
     base_lr = optimizer.param_groups[0]["lr"]
-    two_crops = BatchTwoCrops(BatchMoCoAugment(m.image_size, params.moco.augmentation))
+    two_crops = BatchTwoCrops(build_augment(params))
     budget = Budget(args.minutes, args.images, args.threads)
     marks = [(i + 1) / args.checkpoints for i in range(args.checkpoints)]
     curve: list[dict[str, float]] = []
     order = torch.randperm(len(train))
     cursor = 0
+    warmup = warmup_steps(t.warmup_epochs, len(train), args.images)
     while marks:
         step = int(budget.progress() * SCHEDULE_STEPS)
         for group in optimizer.param_groups:
-            group["lr"] = base_lr * cosine_with_warmup(step, SCHEDULE_STEPS)
+            group["lr"] = base_lr * cosine_with_warmup(step, SCHEDULE_STEPS, warmup)
         if params.moco.momentum_schedule == "cosine":
             model.momentum = cosine_momentum(params.moco.momentum, step, SCHEDULE_STEPS)
         if cursor + t.batch_size > len(order):

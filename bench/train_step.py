@@ -30,12 +30,12 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from moco import MoCo
-from moco.augment import BatchMoCoAugment, BatchTwoCrops
+from moco.augment import BatchTwoCrops
 from pipeline.config import Params, load_params, with_overrides
 from pipeline.dataset import shard_urls, training_loader
 from pipeline.precision import ModelShape, Resolution, resolve_precision
 from pipeline.shard import shard
-from pipeline.train_worker import build_model
+from pipeline.train_worker import build_augment, build_model
 
 PHASES = (
     "augment",
@@ -182,7 +182,7 @@ def main() -> None:
     model = build_model(params, world_size=1)
     memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
-    two_crops = BatchTwoCrops(BatchMoCoAugment(m.image_size, params.moco.augmentation))
+    two_crops = BatchTwoCrops(build_augment(params))
     optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=0.03, momentum=0.9)
     times: dict[str, float] = {}
     instrument(model, times)

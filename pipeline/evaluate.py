@@ -26,7 +26,6 @@ from rich.progress import Progress
 from torch import Tensor, nn
 from torchvision.transforms.v2 import functional as TF
 
-from moco.augment import BatchMoCoAugment
 from pipeline.benchmark import benchmark, shard_reference
 from pipeline.config import Params
 from pipeline.dataset import data_version
@@ -72,6 +71,7 @@ from pipeline.tracking import (
     run_id_of,
     setup_mlflow,
 )
+from pipeline.train_worker import build_augment
 
 REFERENCES = keys.REFERENCES
 
@@ -437,7 +437,7 @@ def _label_free(params: Params, subject: _Subject, images: Tensor) -> dict[str, 
     views of it (seeded: every model sees the same views)."""
     size = params.eval.batch_size
     features = _embed(subject, images, size)
-    augment = BatchMoCoAugment(images.shape[-1], params.moco.augmentation)
+    augment = build_augment(params)
     generator = torch.Generator().manual_seed(params.eval.seed)
     views = [_embed(subject, images, size, partial(augment, generator=generator)) for _ in "ab"]
     return {

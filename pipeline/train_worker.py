@@ -13,7 +13,7 @@ import math
 import tempfile
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from webdataset.utils import make_seed
 
 from moco import MoCo, cosine_momentum, cosine_with_warmup, step_schedule
-from moco.augment import BatchMoCoAugment, BatchTwoCrops, eval_transform
+from moco.augment import AugmentRecipe, BatchMoCoAugment, BatchTwoCrops, eval_transform
 from moco.distributed import broadcast_module
 from moco.knn import extract_features, knn_accuracy
 from pipeline.config import Params
@@ -78,6 +78,13 @@ def build_model(params: Params, world_size: int) -> MoCo:
         # Across ranks, real shuffle BN; on one process, the split-batch emulation.
         bn_splits=params.moco.bn_splits if world_size == 1 else 1,
     )
+
+
+def build_augment(params: Params) -> BatchMoCoAugment:
+    """The params' MoCo augmentation, as every stage that draws views uses it."""
+    recipe = AugmentRecipe.named(params.moco.augmentation, params.model.image_size)
+    recipe = replace(recipe, scale=(params.moco.crop_min_scale, 1.0))
+    return BatchMoCoAugment(params.model.image_size, recipe)
 
 
 def lr_multiplier(params: Params, steps_per_epoch: int):
@@ -343,7 +350,7 @@ def train_loop(config: dict[str, Any]) -> None:
     if t.compile:
         model.encoder_q = torch.compile(model.encoder_q)
 
-    two_crops = BatchTwoCrops(BatchMoCoAugment(params.model.image_size, params.moco.augmentation))
+    two_crops = BatchTwoCrops(build_augment(params))
     checkpointer = Checkpointer(
         model, query_encoder, optimizer, scheduler, params, cfg.steps_per_epoch, rank, device
     )
