@@ -13,10 +13,11 @@ ROOT = Path(__file__).resolve().parents[2]
 # params.yaml's recipe for short CPU schedules (bench/RESULTS.md, 2026-12-02); the typed
 # defaults keep the general ones, which params-gpu.yaml and the tests build on.
 CPU_RECIPE = {
+    "model.backbone": "resnet10",
     "model.stem_stride": 2,
     "moco.symmetric": True,
     "moco.queue_size": 1024,
-    "train.epochs": 4,
+    "train.epochs": 8,
 }
 
 
