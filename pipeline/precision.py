@@ -23,6 +23,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from filelock import FileLock, Timeout
 
 from moco import MoCo
 from pipeline.config import Params
@@ -34,6 +35,7 @@ MIN_SPEEDUP = 1.1  # bf16 must beat fp32 by this much: below it, timing noise co
 PROBE_BATCH_CAP = 64  # images per probe step: keeps a slow bf16 path to about a second a step
 PROBE_BUDGET_S = 1.5  # measured time (warm-up excluded) after the minimum steps per precision
 PROBE_MIN_STEPS = 2  # measured steps per precision, whatever the budget
+PROBE_LOCK_TIMEOUT_S = 60.0  # wait this long for another worker's probe on this machine
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")  # x86 AVX-512/AMX, aarch64 BF16
 
 
@@ -108,9 +110,30 @@ def resolve_precision(
     threads = torch.get_num_threads()
     key = _cache_key(shape, threads, native)
     path = cache_path or Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE)
-    cache = _read_cache(path)
-    if (hit := _cached(cache.get(key))) is not None:
-        return hit
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # One probe per machine at a time: workers of one run start together, and two probes
+    # side by side slow each other unevenly (seen: 1.09x on one rank, 1.46x on the other,
+    # so the ranks chose differently). The second waits and reads the first's answer. The
+    # lock is the OS's, released if its holder dies; a holder stuck past the timeout
+    # costs this worker only a probe of its own.
+    lock = FileLock(path.with_name(f".{path.name}.lock"), timeout=PROBE_LOCK_TIMEOUT_S)
+    try:
+        with lock:
+            if (hit := _cached(_read_cache(path).get(key))) is not None:
+                return hit
+            return _probe_and_cache(shape, threads, native, key, path, measure)
+    except Timeout:
+        return _probe_and_cache(shape, threads, native, key, path, measure)
+
+
+def _probe_and_cache(
+    shape: ModelShape,
+    threads: int,
+    native: list[str],
+    key: str,
+    path: Path,
+    measure: Measure | None,
+) -> Resolution:
     fp32_s, bf16_s = (measure or probe_step_seconds)(shape)
     speedup = fp32_s / bf16_s
     precision: Precision = "bf16" if speedup >= MIN_SPEEDUP else "fp32"
@@ -120,7 +143,7 @@ def resolve_precision(
         f", {threads} thread(s): bf16 {speedup:.2f}x fp32 (needs >= {MIN_SPEEDUP}x)",
         round(speedup, 3),
     )
-    _write_cache(path, cache | {key: asdict(resolution)})
+    _write_cache(path, _read_cache(path) | {key: asdict(resolution)})
     return resolution
 
 

@@ -1,6 +1,9 @@
 """train.precision: forced values pass through, `auto` is decided by capability and a timed
 probe (timings injected here), cached per model shape, and never picks the slower precision."""
 
+import multiprocessing as mp
+import os
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -101,6 +104,41 @@ def test_auto_is_cached_per_model_shape(tmp_path: Path, native_bf16: None) -> No
     assert auto(tmp_path, slower, wider).precision == "fp32"  # another shape: a miss
     assert slower.calls == [wider]
     assert auto(tmp_path, Timings(1.0, 3.0)).precision == "bf16"  # the first entry is kept
+
+
+class SlowFileProbe:
+    """A probe that takes a while and leaves one line per call in a file (seen across processes)."""
+
+    def __init__(self, log: Path) -> None:
+        self.log = log
+
+    def __call__(self, shape: ModelShape) -> tuple[float, float]:
+        with self.log.open("a") as out:
+            out.write(f"{os.getpid()}\n")
+        time.sleep(0.5)
+        return 1.0, 0.5
+
+
+def _resolve_in_child(tmp_path: Path, results: "mp.Queue[str]") -> None:
+    found = auto(tmp_path, SlowFileProbe(tmp_path / "probes.log"))  # type: ignore[arg-type]
+    results.put(found.precision)
+
+
+def test_workers_starting_together_probe_once_per_machine(
+    tmp_path: Path, native_bf16: None
+) -> None:
+    # two worker processes of one run resolve at the same moment: one probes, the other
+    # waits on the cache's lock and reads its answer, so both ranks choose alike
+    context = mp.get_context("fork")
+    results = context.Queue()
+    workers = [context.Process(target=_resolve_in_child, args=(tmp_path, results)) for _ in "ab"]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=60)
+    assert [w.exitcode for w in workers] == [0, 0]
+    assert sorted(results.get(timeout=5) for _ in workers) == ["bf16", "bf16"]
+    assert len((tmp_path / "probes.log").read_text().splitlines()) == 1
 
 
 def test_auto_cache_depends_on_thread_count(tmp_path: Path, native_bf16: None) -> None:
