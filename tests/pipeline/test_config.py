@@ -17,7 +17,7 @@ CPU_RECIPE = {
     "model.stem_stride": 2,
     "moco.symmetric": True,
     "moco.queue_size": 1024,
-    "train.epochs": 8,
+    "train.epochs": 10,
 }
 
 
