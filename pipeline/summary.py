@@ -60,11 +60,25 @@ def retrain_summary(
             "| metric | " + " | ".join(columns) + " |",
             "|---|" + "---|" * len(columns),
             *rows,
+            *_baseline_note(report.metrics),
             "",
             "Look further: `mlflow ui --backend-store-uri sqlite:///mlflow.db` · "
             "`dvc metrics show` · `prefect server start`",
         ]
     )
+
+
+def _baseline_note(metrics: dict[str, float]) -> list[str]:
+    """Says what the supervised rows are, so nobody reads a cheap floor as a tuned result."""
+    epochs = metrics.get(keys.SUPERVISED_EPOCHS)
+    if epochs is None:
+        return []
+    return [
+        "",
+        f"The supervised rows are a floor, not a tuned result: the same backbone trained from "
+        f"scratch on the labels for {epochs:.2f} epochs (eval.supervised_steps x "
+        "eval.supervised_batch_size).",
+    ]
 
 
 def _quarantined(sharded: ShardSummary) -> str:
