@@ -109,7 +109,7 @@ def resolve_precision(
         return Resolution("fp32", "auto: the CPU has no native bf16 (avx512_bf16/amx_bf16)")
     threads = torch.get_num_threads()
     key = _cache_key(shape, threads, native)
-    path = cache_path or Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE)
+    path = cache_path or precision_cache_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     # One probe per machine at a time: workers of one run start together, and two probes
     # side by side slow each other unevenly (seen: 1.09x on one rank, 1.46x on the other,
@@ -145,6 +145,11 @@ def _probe_and_cache(
     )
     _write_cache(path, _read_cache(path) | {key: asdict(resolution)})
     return resolution
+
+
+def precision_cache_path() -> Path:
+    """Where `auto` keeps its decisions (MOCO_PRECISION_CACHE moves it; delete it to re-probe)."""
+    return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE)
 
 
 def cpu_flags() -> set[str]:

@@ -32,7 +32,7 @@ from pipeline.config import Params
 from pipeline.dataset import eval_loader, training_loader
 from pipeline.encoder import EncoderSpec, load_encoder, save_encoder
 from pipeline.errors import DivergedError
-from pipeline.precision import ModelShape, resolve_precision
+from pipeline.precision import ModelShape, precision_cache_path, resolve_precision
 
 STATE_FILE = "state.pt"
 QUEUE_FILE = "queue-rank{rank}.pt"  # each rank's queue, to check they stayed identical
@@ -320,7 +320,8 @@ def train_loop(config: dict[str, Any]) -> None:
         torch.set_num_threads(max(1, int(t.cpus_per_worker)))
     # auto -> bf16 | fp32 for this worker (may probe: before the seed, so weights do not change)
     precision = resolve_precision(t.precision, ModelShape.from_params(params, world), device)
-    print(f"[pretrain] rank {rank}: {precision.precision} ({precision.reason})", flush=True)
+    cached = f", cached in {precision_cache_path()}" if precision.cached else ""
+    print(f"[pretrain] rank {rank}: {precision.precision} ({precision.reason}{cached})", flush=True)
     t.precision = precision.precision  # what _autocast reads from here on
     torch.manual_seed(t.seed)  # identical initial weights on every rank
 
