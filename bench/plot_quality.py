@@ -47,7 +47,7 @@ def main() -> None:
     ax.set_xlabel("training minutes (evaluation excluded)")
     ax.set_ylabel(f"kNN top-1 ({runs[0]['protocol'].split(';')[0]})", fontsize=8)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=120)
