@@ -161,6 +161,18 @@ def test_an_unreadable_cache_is_a_miss_and_rewritten(tmp_path: Path, native_bf16
     assert len(timings.calls) == 1
 
 
+def test_answers_of_an_older_probe_are_measured_again(
+    tmp_path: Path, native_bf16: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = Timings(1.0, 0.95)  # a skewed probe (e.g. two side by side): fp32
+    monkeypatch.setattr(precision_module, "PROBE_VERSION", 1)
+    assert auto(tmp_path, first).precision == "fp32"
+    monkeypatch.setattr(precision_module, "PROBE_VERSION", 2)
+    again = Timings(1.0, 0.8)
+    found = auto(tmp_path, again)
+    assert (found.precision, found.cached, len(again.calls)) == ("bf16", False, 1)
+
+
 def test_the_cache_path_comes_from_the_environment(
     tmp_path: Path, native_bf16: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
