@@ -437,7 +437,7 @@ def _label_free(params: Params, subject: _Subject, images: Tensor) -> dict[str, 
     views of it (seeded: every model sees the same views)."""
     size = params.eval.batch_size
     features = _embed(subject, images, size)
-    augment = build_augment(params)
+    augment = build_augment(params, images.shape[-1])  # the encoder's own size
     generator = torch.Generator().manual_seed(params.eval.seed)
     views = [_embed(subject, images, size, partial(augment, generator=generator)) for _ in "ab"]
     return {

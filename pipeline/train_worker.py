@@ -80,11 +80,13 @@ def build_model(params: Params, world_size: int) -> MoCo:
     )
 
 
-def build_augment(params: Params) -> BatchMoCoAugment:
-    """The params' MoCo augmentation, as every stage that draws views uses it."""
-    recipe = AugmentRecipe.named(params.moco.augmentation, params.model.image_size)
+def build_augment(params: Params, image_size: int | None = None) -> BatchMoCoAugment:
+    """The params' MoCo augmentation, as every stage that draws views uses it; `image_size`
+    (default model.image_size) for images decoded at another encoder's size."""
+    size = image_size or params.model.image_size
+    recipe = AugmentRecipe.named(params.moco.augmentation, size)
     recipe = replace(recipe, scale=(params.moco.crop_min_scale, 1.0))
-    return BatchMoCoAugment(params.model.image_size, recipe)
+    return BatchMoCoAugment(size, recipe)
 
 
 def lr_multiplier(params: Params, steps_per_epoch: int):
