@@ -197,6 +197,31 @@ class RegistryParams(_Section):
     lock_timeout_s: float = Field(300.0, gt=0.0)  # wait for a concurrent promotion/rollback
 
 
+class AlertsParams(_Section):
+    """Operating a schedule unattended (pipeline/automations.py): heartbeats, the automation
+    that marks a run whose heartbeats stop Crashed, and where notifications go."""
+
+    heartbeat_seconds: int = Field(60, ge=30)  # PREFECT_FLOWS_HEARTBEAT_FREQUENCY; Prefect's floor
+    crashed_after_heartbeats: int = Field(3, ge=2)  # missed periods before a run is marked Crashed
+    webhook_url: str = ""  # JSON POST {subject, body, text} via a Prefect custom-webhook block
+    slack_webhook_url: str = ""  # a Slack incoming webhook (Prefect's Slack Webhook block)
+    block: str = ""  # an existing notification block, "<block-type-slug>/<name>"
+    drift_p_value_below: float = Field(0.01, ge=0.0, le=1.0)  # drift alarm (0 = never)
+
+    @model_validator(mode="after")
+    def _targets_are_urls(self) -> AlertsParams:
+        for key in ("webhook_url", "slack_webhook_url"):
+            url = getattr(self, key)
+            if url and not url.startswith(("http://", "https://")):
+                raise ValueError(f"alerts.{key}: {url!r} is not an http(s) URL")
+        if self.block and self.block.count("/") != 1:
+            raise ValueError(
+                f"alerts.block: {self.block!r} should be <block-type-slug>/<name>, "
+                "e.g. slack-webhook/team-alerts (see `prefect block ls`)"
+            )
+        return self
+
+
 class Choice(_Section):
     type: Literal["choice"]
     values: list[Any] = Field(min_length=1)
@@ -287,6 +312,7 @@ class Params(_Section):
     tracking: TrackingParams = TrackingParams()
     registry: RegistryParams = RegistryParams()
     tune: TuneParams = TuneParams()
+    alerts: AlertsParams = AlertsParams()
 
     @property
     def keys_per_step(self) -> int:
