@@ -8,6 +8,7 @@ import sys
 
 from flows.retrain import retrain
 from flows.sweep import sweep
+from pipeline.automations import ensure_if_server, heartbeats
 from pipeline.config import ConfigError, load_params
 from pipeline.errors import StageError
 from pipeline.evaluation.data import NoEvaluationData, require_evaluable
@@ -31,11 +32,14 @@ def main() -> None:
         params = load_params(args.params, args.overrides)
         check_endpoints(params, ray=True)  # MLflow, S3, RAY_ADDRESS: refused in seconds
         require_evaluable(params, sharded=False)
-    except (ConfigError, NoEvaluationData, StageError) as error:
+        for line in ensure_if_server(params):  # a run started by hand is covered too
+            print(line)
+    except (ConfigError, NoEvaluationData, StageError, ValueError) as error:
         sys.exit(f"error: {error}")
     run = {"retrain": retrain, "sweep": sweep}[args.flow]
     try:
-        run(params_file=args.params, overrides=args.overrides)
+        with heartbeats(params):  # a run whose process dies turns Crashed (zombie automation)
+            run(params_file=args.params, overrides=args.overrides)
     except (NoEvaluationData, StageError) as error:  # a refusal, already one line
         sys.exit(f"error: {error}")
 

@@ -26,6 +26,7 @@ from flows.tasks import (
 from pipeline.config import Params, load_params
 from pipeline.dataset import data_version
 from pipeline.evaluation.data import require_evaluable
+from pipeline.events import announce
 from pipeline.preflight import check_endpoints
 from pipeline.pretrain import warm_start_or_scratch
 from pipeline.shard import ShardSummary
@@ -70,6 +71,7 @@ def retrain(params_file: str = "params.yaml", overrides: list[str] | None = None
         version_task("shard", "benchmark", "pretrain", "evaluate")
         push_task()
         decision = promote_task(params, trained.model_uri, report.metrics, report.versions)
+        announce(params, decision, report.metrics)  # promoted / challenger / drift alarm
         version_task("promote")
     summary = retrain_summary(sharded, trained, report, decision, cached=cached, init=init)
     create_markdown_artifact(key="retrain-summary", markdown=summary, description="retrain")

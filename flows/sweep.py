@@ -19,6 +19,7 @@ from flows.tasks import benchmark_task, pretrain_and_evaluate, promote_task, tun
 from pipeline import storage
 from pipeline.config import load_params, with_overrides
 from pipeline.evaluation.data import require_evaluable
+from pipeline.events import announce
 from pipeline.summary import sweep_summary
 
 
@@ -53,6 +54,7 @@ def sweep(
             report.versions,
             decision_file=str(out / "promotion.json"),
         )
+        announce(best, decision, report.metrics)
     summary = sweep_summary(swept, trained, report, decision)
     create_markdown_artifact(key="sweep-summary", markdown=summary, description="sweep")
     print(summary)

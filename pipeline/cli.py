@@ -156,7 +156,11 @@ def promote(
     for key in [k for k, v in values.items() if not isinstance(v, int | float)]:
         values.pop(key)  # other versions (heldout_version): not metrics
     model_uri = exported_run(model).get("model_uri", model)
-    typer.echo(run_promote(config, model_uri, values, versions).render())
+    from pipeline.events import announce
+
+    decision = run_promote(config, model_uri, values, versions)
+    typer.echo(decision.render())
+    announce(config, decision, values)
 
 
 @app.command()
@@ -168,9 +172,12 @@ def rollback(
 ) -> None:
     """Move @production back to @previous (the version it replaced); writes promotion.json."""
     config = _checked(_params(params, overrides))
+    from pipeline.events import announce
     from pipeline.promote import rollback as run_rollback
 
-    typer.echo(run_rollback(config, reason=reason).render())
+    decision = run_rollback(config, reason=reason)
+    typer.echo(decision.render())
+    announce(config, decision)
 
 
 @app.command()
@@ -213,8 +220,19 @@ def schedule(
     shared server, deploy prefect.yaml instead (`prefect deploy --all`)."""
     from pipeline.scheduling import serve_on_schedule
 
-    _params(params, [])  # a bad config is refused now, not at 3 a.m.
-    serve_on_schedule(flow, cron, str(params), timezone)
+    config = _params(params, [])  # a bad config is refused now, not at 3 a.m.
+    serve_on_schedule(flow, cron, str(params), config, timezone)
+
+
+@app.command()
+@_clean_errors
+def automations(params: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None) -> None:
+    """Create or update the Prefect automations (zombie runs -> Crashed; alerts to `alerts.*`)
+    and the MLflow registry webhook, on PREFECT_API_URL's server: after `prefect deploy`."""
+    from pipeline.automations import ensure_automations
+
+    for line in ensure_automations(_params(params, overrides)):
+        typer.echo(line)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from pipeline.automations import ensure_automations, heartbeats
+from pipeline.config import Params
+
 FLOWS_DIR = Path(__file__).resolve().parents[1] / "flows"
 FLOWS = ("retrain", "sweep")
 
@@ -28,9 +31,12 @@ def check_cron(cron: str, timezone: str = "UTC") -> None:
         ) from None
 
 
-def serve_on_schedule(flow: str, cron: str, params_file: str, timezone: str = "UTC") -> None:
-    """Create (or update) the deployment `<flow>-scheduled` and run it on schedule until
-    stopped, from the params file's folder (the project); one run of it at a time."""
+def serve_on_schedule(
+    flow: str, cron: str, params_file: str, params: Params, timezone: str = "UTC"
+) -> None:
+    """Create (or update) the deployment `<flow>-scheduled` and its automations (zombie runs
+    marked Crashed, alerts), and run it on schedule until stopped, from the params file's
+    folder (the project); one run of it at a time, each sending heartbeats."""
     from prefect.flows import load_flow_from_entrypoint
     from prefect.schedules import Cron
 
@@ -39,10 +45,13 @@ def serve_on_schedule(flow: str, cron: str, params_file: str, timezone: str = "U
     check_cron(cron, timezone)
     params_path = Path(params_file).resolve()
     os.chdir(params_path.parent)  # runs use the project's relative paths (shards, dvc, lock)
+    for line in ensure_automations(params):
+        print(line)
     loaded = load_flow_from_entrypoint(f"{FLOWS_DIR / flow}.py:{flow}")
-    loaded.serve(
-        name=f"{flow}-scheduled",
-        schedules=[Cron(cron, timezone=timezone)],
-        parameters={"params_file": str(params_path)},
-        global_limit=1,
-    )
+    with heartbeats(params):  # the runner passes its settings to each run's process
+        loaded.serve(
+            name=f"{flow}-scheduled",
+            schedules=[Cron(cron, timezone=timezone)],
+            parameters={"params_file": str(params_path)},
+            global_limit=1,
+        )
