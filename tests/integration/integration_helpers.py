@@ -4,9 +4,16 @@ modules can import it by name."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -16,6 +23,7 @@ from pipeline.sources import FASHION_MNIST_CLASSES, fashion_mnist
 
 ROOT = Path(__file__).resolve().parents[2]
 DVC = str(Path(sys.executable).with_name("dvc"))
+BIN = Path(sys.executable).parent
 
 # Small enough for 2 CPUs, real enough to exercise every component.
 TINY = {
@@ -76,3 +84,49 @@ def write_fashion_images(root: Path, split: str, start: int, count: int) -> None
         folder = root / split / FASHION_MNIST_CLASSES[candidate.label]
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"{candidate.ref.replace('#', '-')}.png").write_bytes(candidate.read())
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(check, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, f"{what} did not happen in {timeout_s:.0f} s"
+        time.sleep(1)
+
+
+def healthy(url: str) -> bool:
+    try:
+        return urllib.request.urlopen(f"{url}/health", timeout=2).status == 200
+    except OSError:
+        return False
+
+
+@contextmanager
+def prefect_server(home: Path) -> Iterator[dict[str, str]]:
+    """A real `prefect server start` on a free 127.0.0.1 port with its own PREFECT_HOME; yields
+    the environment that points a process at it (PREFECT_API_URL)."""
+    url = f"http://127.0.0.1:{free_port()}/api"
+    env = os.environ | {
+        "PREFECT_API_URL": url,
+        "PREFECT_HOME": str(home),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }
+    port = url.split(":")[2].removesuffix("/api")
+    server = subprocess.Popen(
+        [BIN / "prefect", "server", "start", "--host", "127.0.0.1", "--port", port],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        wait_until(lambda: healthy(url), 120, "prefect server start")
+        yield env
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
