@@ -71,8 +71,8 @@ def retrain(params_file: str = "params.yaml", overrides: list[str] | None = None
         version_task("shard", "benchmark", "pretrain", "evaluate")
         push_task()
         decision = promote_task(params, trained.model_uri, report.metrics, report.versions)
-        announce(params, decision, report.metrics)  # promoted / challenger / drift alarm
         version_task("promote")
+    announce(params, decision, report.metrics)  # promoted / challenger / drift alarm
     summary = retrain_summary(sharded, trained, report, decision, cached=cached, init=init)
     create_markdown_artifact(key="retrain-summary", markdown=summary, description="retrain")
     print(summary)

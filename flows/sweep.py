@@ -54,7 +54,7 @@ def sweep(
             report.versions,
             decision_file=str(out / "promotion.json"),
         )
-        announce(best, decision, report.metrics)
+    announce(best, decision, report.metrics)
     summary = sweep_summary(swept, trained, report, decision)
     create_markdown_artifact(key="sweep-summary", markdown=summary, description="sweep")
     print(summary)

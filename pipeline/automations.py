@@ -24,7 +24,7 @@ from pipeline.config import Params
 ZOMBIE = "moco-pipeline: crashed when heartbeats stop"
 RUN_FAILED = "moco-pipeline: notify on a failed or crashed run"
 MODEL_EVENTS = "moco-pipeline: notify on model and drift events"
-FLOWS = ("retrain", "sweep")
+FLOWS = ("retrain", "sweep")  # the project's flows (flows/<name>.py:<name>)
 EVENT_PREFIX = "moco-pipeline."  # pipeline/events.py names every event it emits with this
 WEBHOOK_BLOCK = "moco-pipeline-webhook"
 SLACK_BLOCK = "moco-pipeline-slack"
@@ -173,9 +173,9 @@ def ensure_automations(params: Params) -> list[str]:
             "(`prefect server start`) and set PREFECT_API_URL"
         )
     require_answer(f"PREFECT_API_URL={url}", url, "start the server or fix PREFECT_API_URL")
-    lines = []
+    lines, wanted = [], build_automations(params, notification_blocks(params))
     with get_client(sync_client=True) as client:
-        for automation in build_automations(params, notification_blocks(params)):
+        for automation in wanted:
             found = client.read_automations_by_name(automation.name)
             if found:
                 client.update_automation(found[0].id, automation)
@@ -185,6 +185,10 @@ def ensure_automations(params: Params) -> list[str]:
             else:
                 client.create_automation(automation)
                 lines.append(f"automation created: {automation.name}")
+        for name in {ZOMBIE, RUN_FAILED, MODEL_EVENTS} - {a.name for a in wanted}:
+            for stale in client.read_automations_by_name(name):  # no target configured now
+                client.delete_automation(stale.id)
+                lines.append(f"automation removed (no alerts target): {name}")
     return [*lines, ensure_registry_webhook(params)]
 
 

@@ -37,11 +37,19 @@ def announce(
     (PREFECT_API_URL): the ephemeral one has no automations to act on them."""
     if api_url() is None:
         return []
+    try:
+        return _emit(params, decision, metrics or {})
+    except Exception as error:  # a lost alert must not fail a finished promotion
+        print(f"warning: alerts not sent to {api_url()}: {error!r}")
+        return []
+
+
+def _emit(params: Params, decision: Decision, metrics: dict[str, float]) -> list[str]:
     from prefect.context import FlowRunContext
     from prefect.events import emit_event
     from prefect.events.worker import EventsWorker
 
-    metrics = {k: v for k, v in (metrics or {}).items() if math.isfinite(v)}
+    metrics = {k: v for k, v in metrics.items() if math.isfinite(v)}
     resource = {
         "prefect.resource.id": f"{EVENT_PREFIX}model.{decision.model_name}",
         "prefect.resource.name": decision.model_name,

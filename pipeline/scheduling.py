@@ -9,11 +9,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pipeline.automations import ensure_automations, heartbeats
+from pipeline.automations import FLOWS, ensure_automations, heartbeats
 from pipeline.config import Params
 
 FLOWS_DIR = Path(__file__).resolve().parents[1] / "flows"
-FLOWS = ("retrain", "sweep")
 
 
 def check_cron(cron: str, timezone: str = "UTC") -> None:

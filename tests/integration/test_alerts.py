@@ -158,8 +158,9 @@ def test_sigkilled_run_turns_crashed_and_the_next_run_takes_the_lock(
     print(f"SIGKILL -> Crashed in {time.monotonic() - killed:.0f} s: {state()['message']}")
     assert "No heartbeat" in state()["message"]
 
-    after = _hold_lock(server, project, 0)
-    assert after.wait(timeout=180) == 0  # the next run takes the lock and completes
+    # the next run takes the lock, and lives past the window on its heartbeats: not marked
+    after = _hold_lock(server, project, HEARTBEAT_S * MISSED + 15)
+    assert after.wait(timeout=300) == 0
     states = sorted(run["state"]["type"] for run in _runs(server, "hold-lock"))
     assert states == ["COMPLETED", "CRASHED"]
 
@@ -204,6 +205,11 @@ def test_promotion_drift_and_a_failed_run_reach_the_receiver(
     assert "moco-encoder v7" in drift
     run_failed = by_subject[f"moco-pipeline: retrain run {failed['name']} Failed"]
     assert f"Flow run ID: {failed['id']}" in run_failed
+
+    # the automations follow params.yaml: no target any more, no notifying automations
+    lines = ensure_automations(load_params(alerting, ["alerts.webhook_url=''"]))
+    assert f"automation removed (no alerts target): {MODEL_EVENTS}" in lines
+    assert [a["name"] for a in _api(server, "POST", "/automations/filter", {})] == [ZOMBIE]
 
 
 @pytest.fixture(scope="module")
