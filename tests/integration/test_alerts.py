@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -165,11 +166,9 @@ def test_sigkilled_run_turns_crashed_and_the_next_run_takes_the_lock(
     assert states == ["COMPLETED", "CRASHED"]
 
 
-def test_promotion_drift_and_a_failed_run_reach_the_receiver(
+def test_decisions_drift_and_a_failed_run_reach_the_receiver(
     project: Path, alerting: Path, server: dict[str, str], receiver: Receiver
 ) -> None:
-    from flows.retrain import retrain
-
     params = load_params(alerting)
     ensure_automations(params)
     receiver.received.clear()
@@ -186,16 +185,27 @@ def test_promotion_drift_and_a_failed_run_reach_the_receiver(
     )
     emitted = announce(params, decision, {"knn_top1": 0.84, "drift_p_value": 0.004})
     assert emitted == ["moco-pipeline.model.promoted", "moco-pipeline.data.drift"]
-    with pytest.raises(Exception):  # noqa: B017 - whatever the stage raises, the run fails
-        retrain(str(alerting), ["data.source=no-such-folder"])
+    kept = replace(decision, version="8", promoted=False, reason="no gain over v7")
+    assert announce(params, kept, {"drift_p_value": 0.5}) == ["moco-pipeline.model.challenger"]
+    back = replace(decision, version="6", action="rollback", reason="rolled back: bad outputs")
+    assert announce(params, back) == ["moco-pipeline.model.rolled-back"]
+    # a run started by hand against the server: it ensures the automations, then fails
+    by_hand = subprocess.run(
+        [sys.executable, "-m", "flows", "retrain", "--set", "data.source=no-such-folder"],
+        cwd=project,
+        env=server | {"PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+    )
+    assert by_hand.returncode != 0 and f"automation updated: {ZOMBIE}" in by_hand.stdout
     (failed,) = [run for run in _runs(server, "retrain") if run["state"]["type"] == "FAILED"]
     assert "retrain" in FLOWS
 
-    wait_until(lambda: len(receiver.received) >= 3, 120, "three notifications")
-    time.sleep(5)  # and nothing more than those three
+    wait_until(lambda: len(receiver.received) >= 5, 120, "five notifications")
+    time.sleep(5)  # and nothing more than those five
     bodies = receiver.bodies()
     print(json.dumps(bodies, indent=1))
-    assert len(bodies) == 3
+    assert len(bodies) == 5
     assert {path for path, _, _ in receiver.received} == {"/alerts"}
     by_subject = {body["subject"]: body["body"] for body in bodies}
     promoted = by_subject["moco-pipeline: moco-encoder v7 promoted to @production"]
@@ -203,8 +213,12 @@ def test_promotion_drift_and_a_failed_run_reach_the_receiver(
     drift = by_subject["moco-pipeline: drift alarm on data d4t4v3rs10n"]
     assert "drift_p_value 0.004 < alerts.drift_p_value_below 0.01" in drift
     assert "moco-encoder v7" in drift
+    challenger = by_subject["moco-pipeline: moco-encoder v8 kept as @challenger (not promoted)"]
+    assert "no gain over v7" in challenger
+    rolled = by_subject["moco-pipeline: moco-encoder rolled back to v6 (@production)"]
+    assert "rolled back: bad outputs" in rolled
     run_failed = by_subject[f"moco-pipeline: retrain run {failed['name']} Failed"]
-    assert f"Flow run ID: {failed['id']}" in run_failed
+    assert f"Flow run ID: {failed['id']}" in run_failed and "no-such-folder" in run_failed
 
     # the automations follow params.yaml: no target any more, no notifying automations
     lines = ensure_automations(load_params(alerting, ["alerts.webhook_url=''"]))
