@@ -123,13 +123,12 @@ def _checkpoints(params: Params, report: Report) -> None:
     latest = f"{RUN_PREFIX}{json.loads(record)['run_id']}" if record else None
     runs: dict[str, list[str]] = {}
     for entry in fs.ls(base, detail=True):
-        name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
-        if entry["type"] == "directory" and name.startswith(RUN_PREFIX):
+        if entry["type"] == "directory" and _leaf(entry["name"]).startswith(RUN_PREFIX):
             runs[entry["name"]] = sorted(
                 child["name"]
                 for child in fs.ls(entry["name"], detail=True)
                 if child["type"] == "directory"
-                and child["name"].rstrip("/").rsplit("/", 1)[-1].startswith(CHECKPOINT_PREFIX)
+                and _leaf(child["name"]).startswith(CHECKPOINT_PREFIX)
             )
     # newest first, by the newest checkpoint's timestamped name (a run without one is oldest)
     order = sorted(runs, key=lambda run: _leaf(runs[run][-1]) if runs[run] else "", reverse=True)
@@ -218,13 +217,13 @@ def _model_versions(params: Params, report: Report) -> None:
 
     client, name = MlflowClient(), params.registry.model_name
     versions, served = _registry(params)
-    protected = [v for v in versions if v.aliases or str(v.version) in served]
+    protected = [str(v.version) for v in versions if v.aliases or str(v.version) in served]
     if protected:
-        shown = ", ".join(f"v{v.version}" for v in protected)
+        shown = ", ".join(f"v{v}" for v in protected)
         report.kept.append(f"{name} {shown}: hold or held an alias (model files kept)")
     keep = params.retention.unpromoted_versions
     for version in versions:
-        if version in protected or ARCHIVED_TAG in version.tags:
+        if str(version.version) in protected or ARCHIVED_TAG in version.tags:
             continue
         newer = sum(int(v.version) > int(version.version) for v in versions)
         location = _artifact_location(client, version) if newer >= keep else None
