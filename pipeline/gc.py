@@ -215,9 +215,9 @@ def _production_fingerprint(params: Params) -> str | None:
 def _model_versions(params: Params, report: Report) -> None:
     from mlflow.tracking import MlflowClient
 
+    versions, served, aliased = _registry(params)  # points MLflow at the store first
     client, name = MlflowClient(), params.registry.model_name
-    versions, served = _registry(params)
-    protected = [str(v.version) for v in versions if v.aliases or str(v.version) in served]
+    protected = [str(v.version) for v in versions if str(v.version) in served | aliased]
     if protected:
         shown = ", ".join(f"v{v}" for v in protected)
         report.kept.append(f"{name} {shown}: hold or held an alias (model files kept)")
@@ -232,9 +232,10 @@ def _model_versions(params: Params, report: Report) -> None:
             report.items.append(_model_item(client, name, version, location, why))
 
 
-def _registry(params: Params) -> tuple[list, set[str]]:
-    """The model's versions, oldest first, and the numbers of those that hold or held
-    @production or @previous: an alias now, a promoting decision, or replaced by a promotion."""
+def _registry(params: Params) -> tuple[list, set[str], set[str]]:
+    """The model's versions, oldest first; the numbers of those that hold or held @production
+    or @previous (that alias now, a promoting decision, or replaced by a promotion); and of
+    those holding any alias now (search results carry no aliases: the model's own list does)."""
     from mlflow.tracking import MlflowClient
 
     from pipeline.promote import REPLACED_TAG
@@ -242,17 +243,20 @@ def _registry(params: Params) -> tuple[list, set[str]]:
     from pipeline.tracking import setup_mlflow
 
     setup_mlflow(params)
-    query = f"name = '{params.registry.model_name}'"
-    versions = sorted(MlflowClient().search_model_versions(query), key=lambda v: int(v.version))
+    client, name = MlflowClient(), params.registry.model_name
+    versions = sorted(
+        client.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version)
+    )
+    if not versions:
+        return [], set(), set()
+    aliases = {alias: str(v) for alias, v in client.get_registered_model(name).aliases.items()}
     replaced = {v.tags[REPLACED_TAG] for v in versions if REPLACED_TAG in v.tags}
     served = {
         str(v.version)
         for v in versions
-        if {PRODUCTION, PREVIOUS} & set(v.aliases)
-        or v.tags.get("decision") in PROMOTED_DECISIONS
-        or str(v.version) in replaced
-    }
-    return versions, served
+        if v.tags.get("decision") in PROMOTED_DECISIONS or str(v.version) in replaced
+    } | {aliases[a] for a in (PRODUCTION, PREVIOUS) if a in aliases}
+    return versions, served, set(aliases.values())
 
 
 def _artifact_location(client, version) -> str | None:

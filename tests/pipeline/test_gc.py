@@ -124,6 +124,7 @@ def test_policy_keeps_what_serves_or_resumes_and_deletes_exactly_the_rest(projec
     client.set_registered_model_alias(NAME, "previous", v1)
     client.set_registered_model_alias(NAME, "production", v3)
     client.set_registered_model_alias(NAME, "challenger", v6)
+    client.set_registered_model_alias(NAME, "canary", v2)  # set by hand: an alias is an alias
     cache_before = _objects(project / ".dvc/cache")
     remote_before = _objects(project.parent / "remote")
 
@@ -170,14 +171,15 @@ def test_policy_keeps_what_serves_or_resumes_and_deletes_exactly_the_rest(projec
         [caches[0], caches[3], caches[4]]
     )
 
-    # MLflow: v2 and v4 never served and have >= 2 newer versions: files gone, tagged archived;
-    # v1 (@previous), v3 (@production), v5 (one newer), v6 (@challenger) untouched
+    # MLflow: v4 never served, holds no alias and has 2 newer versions: files gone, tagged
+    # archived; v1 (@previous), v2 (@canary), v3 (@production), v5 (one newer), v6 (@challenger)
+    # untouched
     for version in (v1, v2, v3, v4, v5, v6):
         entry = client.get_model_version(NAME, version)
         model_id = entry.source.removeprefix("models:/")
         folder = Path(client.get_logged_model(model_id).artifact_location.removeprefix("file://"))
         files = os.listdir(folder) if folder.exists() else []
-        if version in (v2, v4):
+        if version == v4:
             assert ARCHIVED_TAG in entry.tags and files == [], version
         else:
             assert ARCHIVED_TAG not in entry.tags and "encoder.safetensors" in files, version
