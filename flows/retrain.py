@@ -20,6 +20,7 @@ from flows.tasks import (
     pretrain_and_evaluate,
     promote_task,
     push_task,
+    retention_task,
     shard_task,
     version_task,
 )
@@ -72,6 +73,7 @@ def retrain(params_file: str = "params.yaml", overrides: list[str] | None = None
         push_task()
         decision = promote_task(params, trained.model_uri, report.metrics, report.versions)
         version_task("promote")
+        print(retention_task(params, decision))  # bounded storage: params.yaml's retention
     announce(params, decision, report.metrics)  # promoted / challenger / drift alarm
     summary = retrain_summary(sharded, trained, report, decision, cached=cached, init=init)
     create_markdown_artifact(key="retrain-summary", markdown=summary, description="retrain")

@@ -12,8 +12,9 @@ from datetime import timedelta
 from typing import Any
 
 from prefect import task
+from prefect.logging import get_run_logger
 
-from pipeline import benchmark, evaluate, pretrain, promote, shard, tune, versioning
+from pipeline import benchmark, evaluate, gc, pretrain, promote, shard, tune, versioning
 from pipeline.config import Params
 
 
@@ -48,3 +49,16 @@ def pretrain_and_evaluate(params: Params, run_name: str):
     next to the references."""
     trained = pretrain_task(params, run_name=run_name)
     return trained, evaluate_task(params, trained.encoder_dir)
+
+
+@task(name="retention")
+def retention_task(params: Params, decision: promote.Decision) -> str:
+    """Pin a promoted version's dvc.lock, then apply the retention policy. Housekeeping after
+    the promotion: a failure is reported as a warning and never fails the run (nor undoes its
+    dvc.lock); the next run, or `mocopipe gc`, tries again."""
+    try:
+        version = decision.version if decision.promoted else None
+        return gc.after_retrain(params, version).render()
+    except Exception as error:  # reported; the promotion already stands
+        get_run_logger().warning("retention failed: %s: %s", type(error).__name__, error)
+        return f"gc: failed ({type(error).__name__}: {error}); storage not reclaimed this run"

@@ -208,6 +208,21 @@ def embed(
 
 @app.command()
 @_clean_errors
+def gc(
+    params: ParamsOpt = Path("params.yaml"),
+    overrides: SetOpt = None,
+    dry_run: Annotated[bool, typer.Option(help="Only list what would go.")] = False,
+) -> None:
+    """Delete what params.yaml's retention policy lets go: old checkpoints, feature caches,
+    never-promoted model files, DVC objects no promoted version uses (path, size and why)."""
+    config = _checked(_params(params, overrides))
+    from pipeline.gc import collect
+
+    typer.echo(collect(config, dry_run=dry_run).render())
+
+
+@app.command()
+@_clean_errors
 def schedule(
     cron: Annotated[str, typer.Option(help='When to run, e.g. "0 3 * * *" (03:00 daily).')],
     flow: Annotated[str, typer.Option(help="retrain or sweep.")] = "retrain",

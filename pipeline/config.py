@@ -222,6 +222,26 @@ class AlertsParams(_Section):
         return self
 
 
+class RetentionParams(_Section):
+    """What `mocopipe gc` and the end of every retrain delete (pipeline/gc.py): a year of daily
+    retrains must not keep a year of checkpoints, feature caches and model files. Nothing that
+    serves, served, or can be resumed is ever deleted."""
+
+    enabled: bool = True  # the retrain flow applies the policy at its end (`mocopipe gc` anyway)
+    # Ray Train runs under train.storage_path that keep their final checkpoint; the latest run
+    # (latest-pretrain.json, what `pretrain --resume` continues) keeps all of its checkpoints
+    checkpoint_runs: int = Field(3, ge=1)
+    # feature caches under eval.features_dir kept besides production's, most recently used first
+    # (the random-init reference's is used by every evaluation, so it stays)
+    feature_caches: int = Field(3, ge=1)
+    # a model version that never held @production/@previous loses its logged model files (and is
+    # tagged `archived`) once this many newer versions exist; its run, metrics and tags stay
+    unpromoted_versions: int = Field(5, ge=1)
+    # `dvc gc` of the cache keeping the workspace and the dvc.lock of every promoted version ...
+    dvc_cache: bool = True
+    dvc_remote: bool = True  # ... and the same on the default DVC remote (`dvc gc --cloud`)
+
+
 class Choice(_Section):
     type: Literal["choice"]
     values: list[Any] = Field(min_length=1)
@@ -313,6 +333,7 @@ class Params(_Section):
     registry: RegistryParams = RegistryParams()
     tune: TuneParams = TuneParams()
     alerts: AlertsParams = AlertsParams()
+    retention: RetentionParams = RetentionParams()
 
     @property
     def keys_per_step(self) -> int:

@@ -214,6 +214,7 @@ def cached(folder: Path | None, name: str, compute: Callable[[], Tensor], rows: 
     if path.exists():
         array = np.load(path, allow_pickle=False)
         if array.shape[0] == rows:
+            os.utime(folder)  # last use: retention keeps the most recently used caches
             return torch.from_numpy(array)
     features = compute()
     folder.mkdir(parents=True, exist_ok=True)
