@@ -1,0 +1,1 @@
+"""Self-supervised methods behind one interface (methods/base.py), one module each."""
