@@ -100,14 +100,15 @@ def build_vit(
     image_size: int,
     patch_size: int,
     in_channels: int,
-    mean: Sequence[float],
-    std: Sequence[float],
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
 ) -> tuple[nn.Module, int]:
-    """Return (Normalize -> ViT, feat_dim): like the ResNet builder, it takes raw [0, 1] images."""
+    """Return (Normalize -> ViT, feat_dim): like the ResNet builder, with mean/std it takes raw
+    [0, 1] images; without (None), already-normalised input."""
     if name not in VIT_ARCHS:
         raise ValueError(f"unknown ViT {name!r}; choose from {sorted(VIT_ARCHS)}")
-    if len(mean) != in_channels:
-        raise ValueError(f"mean/std have {len(mean)} channels but in_channels is {in_channels}")
+    if (mean is None) != (std is None):
+        raise ValueError("give both mean and std, or neither")
     width, depth, heads = VIT_ARCHS[name]
     vit = ViT(
         image_size=image_size,
@@ -117,4 +118,8 @@ def build_vit(
         depth=depth,
         heads=heads,
     )
+    if mean is None or std is None:
+        return vit, vit.feat_dim
+    if len(mean) != in_channels:
+        raise ValueError(f"mean/std have {len(mean)} channels but in_channels is {in_channels}")
     return nn.Sequential(Normalize(mean, std), vit), vit.feat_dim

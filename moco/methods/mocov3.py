@@ -41,6 +41,10 @@ class MoCoV3Config:
     optimizer: Literal["auto", "lars", "adamw"] = "auto"  # auto: LARS for ResNet, AdamW for ViT
     adamw_betas: tuple[float, float] = (0.9, 0.999)  # moco-v3 uses torch's AdamW defaults
 
+    def __post_init__(self) -> None:
+        if self.optimizer not in ("auto", "lars", "adamw"):
+            raise ValueError(f"mocov3 optimizer: auto, lars or adamw, not {self.optimizer!r}")
+
 
 def mlp(layers: int, in_dim: int, hidden_dim: int, out_dim: int, last_bn: bool) -> nn.Sequential:
     """moco-v3's MLP: bias-free Linear layers, BN + ReLU after each hidden one, and (last_bn)
@@ -98,6 +102,9 @@ class MoCoV3(Method):
         """m = 1 - (1 - m0) * (1 + cos(pi * progress)) / 2: m0 at the start, 1 at the end."""
         self.momentum = cosine_momentum(self.cfg.momentum, progress, 1)
 
+    def epoch_metrics(self) -> dict[str, float]:
+        return {"momentum": self.momentum}
+
     def momentum_update(self) -> None:
         """encoder_k <- m * encoder_k + (1 - m) * (query backbone + projector), parameters only:
         BN running statistics are each encoder's own, as in moco-v3."""
@@ -119,8 +126,10 @@ class MoCoV3(Method):
         """Wrap the query encoder, the only part with gradients. On several GPUs BN becomes
         SyncBatchNorm first (both encoders, as moco-v3's main): the key encoder needs no shuffle
         BN when statistics span the global batch. CPU (gloo) has no SyncBatchNorm: BN stays
-        per rank there."""
-        if self.world_size > 1 and next(self.parameters()).device.type != "cpu":
+        per rank there. Converted once, whatever is wrapped later (torch.compile after DDP)."""
+        on_cpu = next(self.parameters()).device.type == "cpu"
+        synced = any(isinstance(m, nn.SyncBatchNorm) for m in self.modules())
+        if self.world_size > 1 and not on_cpu and not synced:
             nn.SyncBatchNorm.convert_sync_batchnorm(self)
         self.encoder_q = wrap(self.encoder_q)
 

@@ -149,6 +149,32 @@ def test_export_encoder_is_a_detached_eval_copy_of_the_query_backbone() -> None:
         model.load_extra_state({"queue": torch.zeros(1)})
 
 
+def test_ddp_wrap_syncs_bn_once_off_cpu_and_never_on_cpu() -> None:
+    """On an accelerator with several ranks BN becomes SyncBatchNorm (moco-v3's setup); the
+    "meta" device stands in for a GPU here. gloo on CPU has no SyncBatchNorm: BN stays."""
+    cpu = MoCoV3(RESNET, SMALL, world_size=2)
+    cpu.ddp_wrap(lambda m: m)
+    assert not any(isinstance(m, nn.SyncBatchNorm) for m in cpu.modules())
+
+    off_cpu = MoCoV3(RESNET, SMALL, world_size=2).to("meta")
+    params = list(off_cpu.parameters())
+    off_cpu.ddp_wrap(lambda m: m)
+    bns = [m for m in off_cpu.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert bns and all(isinstance(m, nn.SyncBatchNorm) for m in bns)
+    assert all(a is b for a, b in zip(off_cpu.parameters(), params, strict=True))  # optimiser's
+    off_cpu.ddp_wrap(lambda m: m)  # a second wrap (torch.compile after DDP) converts nothing
+    assert [m for m in off_cpu.modules() if isinstance(m, nn.SyncBatchNorm)] == bns
+
+    alone = MoCoV3(RESNET, SMALL, world_size=1).to("meta")
+    alone.ddp_wrap(lambda m: m)
+    assert not any(isinstance(m, nn.SyncBatchNorm) for m in alone.modules())
+
+
+def test_config_refuses_an_unknown_optimizer() -> None:
+    with pytest.raises(ValueError, match="auto, lars or adamw, not 'sgd'"):
+        MoCoV3Config(optimizer="sgd")  # type: ignore[arg-type]
+
+
 def test_loss_falls_on_random_images() -> None:
     """32 fixed random images, two noisy views each: the encoder learns to tell them apart."""
     torch.manual_seed(0)

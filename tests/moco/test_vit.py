@@ -45,6 +45,13 @@ def test_spec_builds_the_vit() -> None:
     assert BackboneSpec.from_dict(spec.to_dict()) == spec
 
 
+def test_without_mean_and_std_the_vit_takes_normalised_input() -> None:
+    net, _ = build_vit("vit_tiny", image_size=28, patch_size=7, in_channels=1, mean=None, std=None)
+    assert isinstance(net, ViT)
+    with pytest.raises(ValueError, match="both mean and std"):
+        build_vit("vit_tiny", image_size=28, patch_size=7, in_channels=1, mean=(0.5,), std=None)
+
+
 def test_patch_size_must_divide_image_size() -> None:
     with pytest.raises(ValueError, match="not a multiple of patch_size 5"):
         _tiny(patch_size=5)
