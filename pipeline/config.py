@@ -43,12 +43,16 @@ class DataParams(_Section):
 
 
 class ModelParams(_Section):
-    backbone: Literal["resnet10", "resnet18", "resnet50"] = "resnet18"
+    # ResNets (width, small_stem, stem_stride apply) or MoCo v3's ViTs (patch_size applies)
+    backbone: Literal["resnet10", "resnet18", "resnet50", "vit_tiny", "vit_small", "vit_base"] = (
+        "resnet18"
+    )
     width: int = Field(16, ge=4)
     small_stem: bool = True  # 3x3 first conv, no max-pool (false: ImageNet's 7x7 stride 2 + pool)
     stem_stride: Literal[1, 2] = 1  # of the small stem; 2 halves the maps (28 -> 14 px), 4x cheaper
     in_channels: Literal[1, 3] = 1
     image_size: int = Field(28, ge=8)
+    patch_size: int = Field(16, ge=1)  # ViT only: /16 on 224 px; 4 or 7 fits 28 px
     mean: list[float] = [0.286]
     std: list[float] = [0.353]
 
@@ -58,6 +62,15 @@ class ModelParams(_Section):
             raise ValueError(
                 f"model.mean: mean and std need {self.in_channels} value(s) each for "
                 f"in_channels={self.in_channels}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _patches_tile_the_image(self) -> ModelParams:
+        if self.backbone.startswith("vit") and self.image_size % self.patch_size:
+            raise ValueError(
+                f"model.patch_size: {self.patch_size} px patches do not tile "
+                f"model.image_size={self.image_size}; pick a divisor (e.g. 4 or 7 for 28 px)"
             )
         return self
 

@@ -13,6 +13,7 @@ from typing import Any
 from torch import nn
 
 from moco.backbones.resnet import RESNET_ARCHS, Normalize, WidthResNet, build_resnet
+from moco.backbones.vit import VIT_ARCHS, build_vit
 
 
 @dataclass(frozen=True)
@@ -67,14 +68,26 @@ def build_backbone(
             std=spec.std or None,
             norm_layer=norm_layer,
         )
-    raise ValueError(f"unknown backbone {spec.name!r}; choose from {sorted(RESNET_ARCHS)}")
+    if spec.name in VIT_ARCHS:
+        return build_vit(
+            spec.name,
+            image_size=spec.image_size,
+            patch_size=spec.patch_size,
+            in_channels=spec.in_channels,
+            mean=spec.mean or None,
+            std=spec.std or None,
+        )
+    known = sorted(RESNET_ARCHS) + sorted(VIT_ARCHS)
+    raise ValueError(f"unknown backbone {spec.name!r}; choose from {known}")
 
 
 __all__ = [
     "RESNET_ARCHS",
+    "VIT_ARCHS",
     "BackboneSpec",
     "Normalize",
     "WidthResNet",
     "build_backbone",
     "build_resnet",
+    "build_vit",
 ]

@@ -11,10 +11,12 @@ from typing import Any
 from moco.backbones import BackboneSpec
 from moco.methods.base import Method, StepOutput
 from moco.methods.mocov2 import MoCoV2, MoCoV2Config
+from moco.methods.mocov3 import MoCoV3, MoCoV3Config
 
 # name -> (the Method, its config dataclass)
 METHODS: dict[str, tuple[type[Method], type]] = {
     "mocov2": (MoCoV2, MoCoV2Config),
+    "mocov3": (MoCoV3, MoCoV3Config),
 }
 
 
@@ -29,4 +31,13 @@ def build_method(
     return method(spec, config(**settings), world_size=world_size)
 
 
-__all__ = ["METHODS", "Method", "MoCoV2", "MoCoV2Config", "StepOutput", "build_method"]
+__all__ = [
+    "METHODS",
+    "Method",
+    "MoCoV2",
+    "MoCoV2Config",
+    "MoCoV3",
+    "MoCoV3Config",
+    "StepOutput",
+    "build_method",
+]
