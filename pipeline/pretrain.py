@@ -215,7 +215,8 @@ def pretrain(
                 TRAIN_SAMPLES_TAG: read_manifest(params.data.shards_dir, "train")["samples"],
                 "ray_workers": t.num_workers,
                 "stage": "pretrain",
-                "mlflow.note.content": f"MoCo pretraining on data {version} "
+                "method": params.method.name,
+                "mlflow.note.content": f"{params.method.name} pretraining on data {version} "
                 f"(init: {t.init_from or 'from scratch'})",
             }
         )
