@@ -2,13 +2,14 @@
 stem_stride and before the method seam (flat, no method) still load."""
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
 from pipeline.config import ConfigError, ModelParams, Params, load_params
-from pipeline.encoder import SPEC_FILE, EncoderSpec, load_encoder, save_encoder
+from pipeline.encoder import SPEC_FILE, EncoderSpec, check_warm_start, load_encoder, save_encoder
 
 
 def spec(stem_stride: int) -> EncoderSpec:
@@ -59,3 +60,15 @@ def test_encoder_json_records_the_method_and_the_whole_spec(tmp_path: Path) -> N
 def test_stride_two_without_small_stem_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"model\.stem_stride"):
         load_params(None, ["model.stem_stride=2", "model.small_stem=false"])
+
+
+def test_a_warm_start_from_another_method_or_backbone_is_refused_naming_both() -> None:
+    v2 = spec(2)
+    check_warm_start(v2, spec(2), "models/encoder")  # the same method and spec: allowed
+    v3 = EncoderSpec.from_params(load_params(None, ["method.name=mocov3", "model.width=8"]))
+    for found in (replace(v2, method="mocov3"), spec(1), v3):
+        with pytest.raises(ValueError) as error:
+            check_warm_start(v2, found, "models/encoder")
+        message = str(error.value)
+        assert "\n" not in message and message.startswith("train.init_from: models/encoder")
+        assert found.describe() in message and v2.describe() in message
