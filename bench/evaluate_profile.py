@@ -32,7 +32,7 @@ from pipeline.precision import cpu_model
 PHASES = {
     "decode images": ("evaluation/features.py", "load_split"),
     "feature passes": ("evaluation/features.py", "extract"),
-    "kNN": ("evaluation/knn.py", "knn_top1"),
+    "kNN": ("moco/knn.py", "knn_top1"),
     "linear probes (all fits)": ("evaluation/probes.py", "fit_probe"),
     "few-shot": ("evaluation/fewshot.py", "fewshot_accuracy"),
     "transfer (features + probe)": ("pipeline/evaluate.py", "_transfer_top1"),

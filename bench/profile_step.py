@@ -21,8 +21,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from pipeline.config import load_params, with_overrides
+from pipeline.method import build_model
 from pipeline.precision import cpu_flags
-from pipeline.train_worker import build_model
 
 WARMUP_STEPS = 2
 

@@ -1,9 +1,10 @@
 """What a params file's encoder learns in a fixed CPU budget: kNN and linear top-1 after M minutes.
 
 Why: on a 2-CPU box the recipe is limited by minutes, not epochs, so recipes compare by what
-they reach in the same training time. One process (no Ray): the params file's MoCo model, built
-and stepped as a worker does (build_model, MoCo.forward, the batched two-crop augmentation, the
-worker's optimizer and lr scaling, train.precision resolved as a worker resolves it), trained on
+they reach in the same training time. One process (no Ray): the params file's method, built
+and stepped as a worker does (build_model, the method's forward, the batched two-crop
+augmentation, the method's optimizer with the worker's lr scaling, train.precision resolved as
+a worker resolves it), trained on
 the train split held in memory (decoded once, so the clock measures training, not PNG decoding),
 with a cosine lr over the budget (after train.warmup_epochs of linear warm-up). Minutes are CPU
 time per thread (see Budget), so a budget is the same work on a shared machine. At
@@ -32,16 +33,16 @@ import torch
 from torch import nn
 from train_step import matmul_peak_gflops
 
-from moco import cosine_momentum, cosine_with_warmup
+from moco import cosine_with_warmup
 from moco.augment import BatchTwoCrops
+from moco.knn import knn_top1
 from pipeline.config import Params, load_params, with_overrides
 from pipeline.dataset import read_manifest
 from pipeline.evaluation.features import LabelledSplit, extract, feature_net, load_split
-from pipeline.evaluation.knn import knn_top1
 from pipeline.evaluation.probes import ProbeRecipe, fit_probe, top1
+from pipeline.method import build_augment, build_model
 from pipeline.precision import ModelShape, cpu_model, resolve_precision
 from pipeline.shard import shard
-from pipeline.train_worker import build_augment, build_model
 
 SCHEDULE_STEPS = 10_000  # resolution of the budget-fraction lr / momentum schedules
 
@@ -156,12 +157,8 @@ def main() -> None:
     model = build_model(params, world_size=1)
     memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
-    optimizer = torch.optim.SGD(
-        model.encoder_q.parameters(),
-        lr=t.lr * t.batch_size / 256,  # the worker's linear scaling (one worker here)
-        momentum=t.sgd_momentum,
-        weight_decay=t.weight_decay,
-    )
+    # the worker's linear lr scaling (one worker here)
+    optimizer = model.optimizer(t.lr * t.batch_size / 256, t.weight_decay, t.sgd_momentum)
     base_lr = optimizer.param_groups[0]["lr"]
     two_crops = BatchTwoCrops(build_augment(params))
     budget = Budget(args.minutes, args.images, args.threads)
@@ -174,8 +171,7 @@ def main() -> None:
         step = int(budget.progress() * SCHEDULE_STEPS)
         for group in optimizer.param_groups:
             group["lr"] = base_lr * cosine_with_warmup(step, SCHEDULE_STEPS, warmup)
-        if params.moco.momentum_schedule == "cosine":
-            model.momentum = cosine_momentum(params.moco.momentum, step, SCHEDULE_STEPS)
+        model.on_step(step / SCHEDULE_STEPS)
         if cursor + t.batch_size > len(order):
             order, cursor = torch.randperm(len(train)), 0
         index = order[cursor : cursor + t.batch_size]

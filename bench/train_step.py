@@ -29,13 +29,13 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from moco import MoCo
+from moco import MoCoV2
 from moco.augment import BatchTwoCrops
 from pipeline.config import Params, load_params, with_overrides
 from pipeline.dataset import shard_urls, training_loader
+from pipeline.method import build_augment, build_model
 from pipeline.precision import ModelShape, Resolution, resolve_precision
 from pipeline.shard import shard
-from pipeline.train_worker import build_augment, build_model
 
 PHASES = (
     "augment",
@@ -62,7 +62,7 @@ FLAG_SETTINGS = {
     "small_stem": "model.small_stem",
     "stem_stride": "model.stem_stride",
     "batch_size": "train.batch_size",
-    "queue_size": "moco.queue_size",
+    "queue_size": "method.queue_size",
     "channels_last": "train.channels_last",
 }
 
@@ -76,7 +76,7 @@ def matmul_peak_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> 
     return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
-def step_flops(model: MoCo, batch: torch.Tensor) -> float:
+def step_flops(model: MoCoV2, batch: torch.Tensor) -> float:
     """Training FLOPs of one step: query forward + backward (~3x forward) + key forward
     (x2 for a symmetric loss, which runs both views through both encoders)."""
     with FlopCounterMode(display=False) as counter:
@@ -95,7 +95,7 @@ def timed(phase: str, times: dict[str, float]):
     return _Timer()
 
 
-def instrument(model: MoCo, times: dict[str, float]) -> None:
+def instrument(model: MoCoV2, times: dict[str, float]) -> None:
     """Time MoCo.forward's parts where the model calls them (a symmetric step calls keys and
     queries twice; both calls count), so the bench runs the workers' own step code."""
     for phase, name in FORWARD_PARTS.items():
@@ -229,8 +229,8 @@ def main() -> None:
         result = {
             "params": args.params,
             "shape": asdict(shape),
-            "symmetric": params.moco.symmetric,
-            "queue_size": params.moco.queue_size,
+            "symmetric": params.method.symmetric,
+            "queue_size": params.method.queue_size,
             "precision_requested": name,
             "precision": resolution.precision,
             "precision_reason": resolution.reason,

@@ -8,16 +8,35 @@ The DDP helpers assume every rank holds a batch of the same size (drop_last=True
 """
 
 import itertools
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+_local_only = False  # set by single_process()
 
 
 def is_distributed() -> bool:
     """True when more than one process takes part, i.e. when gathering changes anything."""
+    if _local_only:
+        return False
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+@contextmanager
+def single_process() -> Iterator[None]:
+    """Run a method's steps as if alone, even inside a process group: no collective is called
+    (a rank's private measurement, e.g. the precision probe, must not wait on the others)."""
+    global _local_only
+    previous, _local_only = _local_only, True
+    try:
+        yield
+    finally:
+        _local_only = previous
 
 
 @torch.no_grad()
@@ -113,3 +132,22 @@ class SplitBatchNorm(nn.BatchNorm2d):
         self.running_mean.copy_(torch.stack(means).mean(dim=0))
         self.running_var.copy_(torch.stack(variances).mean(dim=0))
         return torch.cat(outs)
+
+
+WRAPPER_PARTS = frozenset({"module", "_orig_mod"})  # DDP's and torch.compile's inner attribute
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """Strip DistributedDataParallel / torch.compile wrappers, if any."""
+    while isinstance(module, DistributedDataParallel) or hasattr(module, "_orig_mod"):
+        module = module.module if isinstance(module, DistributedDataParallel) else module._orig_mod
+    return module
+
+
+def plain_state_dict(module: nn.Module) -> dict[str, Tensor]:
+    """state_dict() with the wrappers' path parts dropped, so a checkpoint written while parts
+    are wrapped (DDP, torch.compile) loads into the unwrapped module."""
+    return {
+        ".".join(p for p in key.split(".") if p not in WRAPPER_PARTS): value
+        for key, value in module.state_dict().items()
+    }

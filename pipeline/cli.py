@@ -23,7 +23,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 ParamsOpt = Annotated[Path, typer.Option("--params", help="The config file (params.yaml).")]
 SetOpt = Annotated[
     list[str] | None,
-    typer.Option("--set", help="Override a key: --set moco.temperature=0.2 (repeatable)."),
+    typer.Option("--set", help="Override a key: --set method.temperature=0.2 (repeatable)."),
 ]
 
 

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 DEFAULT_PARAMS = Path("params.yaml")
 SPACE_PREFIX = "tune.space."
+EXTENDS_KEY = "extends"  # an overlay file: `extends: params.yaml`, then only what differs
 
 
 class ConfigError(ValueError):
@@ -42,14 +43,16 @@ class DataParams(_Section):
 
 
 class ModelParams(_Section):
-    backbone: Literal["resnet10", "resnet18", "resnet50"] = "resnet18"
+    # ResNets (width, small_stem, stem_stride apply) or MoCo v3's ViTs (patch_size applies)
+    backbone: Literal["resnet10", "resnet18", "resnet50", "vit_tiny", "vit_small", "vit_base"] = (
+        "resnet18"
+    )
     width: int = Field(16, ge=4)
     small_stem: bool = True  # 3x3 first conv, no max-pool (false: ImageNet's 7x7 stride 2 + pool)
     stem_stride: Literal[1, 2] = 1  # of the small stem; 2 halves the maps (28 -> 14 px), 4x cheaper
     in_channels: Literal[1, 3] = 1
     image_size: int = Field(28, ge=8)
-    dim: int = Field(128, ge=2)
-    mlp: bool = True
+    patch_size: int = Field(16, ge=1)  # ViT only: /16 on 224 px; 4 or 7 fits 28 px
     mean: list[float] = [0.286]
     std: list[float] = [0.353]
 
@@ -63,6 +66,15 @@ class ModelParams(_Section):
         return self
 
     @model_validator(mode="after")
+    def _patches_tile_the_image(self) -> ModelParams:
+        if self.backbone.startswith("vit") and self.image_size % self.patch_size:
+            raise ValueError(
+                f"model.patch_size: {self.patch_size} px patches do not tile "
+                f"model.image_size={self.image_size}; pick a divisor (e.g. 4 or 7 for 28 px)"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _stride_needs_small_stem(self) -> ModelParams:
         if self.stem_stride == 2 and not self.small_stem:
             raise ValueError(
@@ -72,15 +84,73 @@ class ModelParams(_Section):
         return self
 
 
-class MocoParams(_Section):
+class AugmentParams(_Section):
+    """The two views every method trains on (and evaluate's alignment is measured on)."""
+
+    recipe: Literal["v1", "v2"] = "v2"  # MoCo v1's or v2's augmentation
+    crop_min_scale: float = Field(0.2, gt=0.0, le=1.0)  # RandomResizedCrop's lower area bound
+
+
+class MocoV2Params(_Section):
+    """MoCo v2 (moco/methods/mocov2.py): a queue of negatives, shuffle BN, an MLP head."""
+
+    name: Literal["mocov2"] = "mocov2"
     queue_size: int = Field(4096, ge=1)
     momentum: float = Field(0.99, ge=0.0, lt=1.0)
     momentum_schedule: Literal["constant", "cosine"] = "constant"
     temperature: float = Field(0.1, gt=0.0)
     symmetric: bool = False
     bn_splits: int = Field(2, ge=1)  # single-process shuffle BN emulation (official CIFAR demo)
-    augmentation: Literal["v1", "v2"] = "v2"
-    crop_min_scale: float = Field(0.2, gt=0.0, le=1.0)  # RandomResizedCrop's lower area bound
+    dim: int = Field(128, ge=2)  # embedding size of the projection head
+    mlp: bool = True  # v2's MLP head (false: v1's linear head)
+
+    def keys_per_step(self, global_batch: int) -> int:
+        """Keys enqueued per optimizer step, all ranks together (both views when symmetric)."""
+        return global_batch * (2 if self.symmetric else 1)
+
+    def check(self, train: TrainParams) -> None:
+        keys = self.keys_per_step(train.global_batch)
+        if self.queue_size < keys:
+            raise ValueError(
+                f"method.queue_size: {self.queue_size} is smaller than the keys enqueued per step "
+                f"({keys} = train.batch_size x train.num_workers"
+                f"{' x 2 (symmetric)' if self.symmetric else ''}); raise the queue or lower "
+                "the batch"
+            )
+
+
+class MocoV3Params(_Section):
+    """MoCo v3 (moco/methods/mocov3.py): no queue, the global batch's keys as negatives, a
+    predictor MLP; LARS for ResNets, AdamW for ViTs."""
+
+    name: Literal["mocov3"] = "mocov3"
+    temperature: float = Field(0.2, gt=0.0)
+    momentum: float = Field(0.99, ge=0.0, lt=1.0)  # at the start; rises to 1 on a half cosine
+    dim: int = Field(256, ge=2)
+    mlp_dim: int = Field(512, ge=2)  # hidden width of projector and predictor (paper: 4096)
+    optimizer: Literal["auto", "lars", "adamw"] = "auto"  # auto: LARS for ResNet, AdamW for ViT
+
+    def check(self, train: TrainParams) -> None:
+        """Nothing depends on the batch beyond what training itself checks."""
+
+
+MethodParams = Annotated[MocoV2Params | MocoV3Params, Field(discriminator="name")]
+METHOD_PARAMS: dict[str, type[MocoV2Params | MocoV3Params]] = {
+    cls.model_fields["name"].default: cls for cls in (MocoV2Params, MocoV3Params)
+}
+# Where the keys of the old `moco:` section (and the head settings of `model:`) went.
+_MOVED = {
+    **{f"moco.{k}": f"method.{k}" for k in MocoV2Params.model_fields if k != "name"},
+    "moco.augmentation": "augment.recipe",
+    "moco.crop_min_scale": "augment.crop_min_scale",
+    "model.dim": "method.dim",
+    "model.mlp": "method.mlp",
+}
+
+
+def method_settings(method: MocoV2Params | MocoV3Params) -> dict[str, Any]:
+    """The method's settings as its config dataclass takes them (moco.methods.build_method)."""
+    return method.model_dump(exclude={"name"})
 
 
 class TrainParams(_Section):
@@ -294,9 +364,9 @@ class TuneParams(_Section):
     best_params_file: str = "tune/best.yaml"
     seed: int = 0
     space: dict[str, Distribution] = {
-        "moco.temperature": Range(type="loguniform", low=0.05, high=0.5),
-        "moco.momentum": Choice(type="choice", values=[0.99, 0.995, 0.999]),
-        "moco.queue_size": Choice(type="choice", values=[1024, 4096, 16384]),
+        "method.temperature": Range(type="loguniform", low=0.05, high=0.5),
+        "method.momentum": Choice(type="choice", values=[0.99, 0.995, 0.999]),
+        "method.queue_size": Choice(type="choice", values=[1024, 4096, 16384]),
         "train.lr": Range(type="loguniform", low=0.01, high=0.2),
     }
 
@@ -326,7 +396,8 @@ class TuneParams(_Section):
 class Params(_Section):
     data: DataParams = DataParams()
     model: ModelParams = ModelParams()
-    moco: MocoParams = MocoParams()
+    method: MethodParams = MocoV2Params()
+    augment: AugmentParams = AugmentParams()
     train: TrainParams = TrainParams()
     eval: EvalParams = EvalParams()
     tracking: TrackingParams = TrackingParams()
@@ -335,22 +406,29 @@ class Params(_Section):
     alerts: AlertsParams = AlertsParams()
     retention: RetentionParams = RetentionParams()
 
-    @property
-    def keys_per_step(self) -> int:
-        """Keys enqueued per optimizer step, all ranks together (both views when symmetric)."""
-        return self.train.global_batch * (2 if self.moco.symmetric else 1)
+    @model_validator(mode="before")
+    @classmethod
+    def _old_keys_moved(cls, data: Any) -> Any:
+        """Refuse the pre-seam `moco:` section (and model.dim / model.mlp) with where each key
+        went; a `method:` without a name is MoCo v2's."""
+        if not isinstance(data, dict):
+            return data
+        old = [f"moco.{k}" for k in data.get("moco") or {}] if "moco" in data else []
+        old += [f"model.{k}" for k in ("dim", "mlp") if k in (data.get("model") or {})]
+        if old:
+            moved = ", ".join(f"{k} -> {_MOVED.get(k, 'gone')}" for k in old) or "it is empty"
+            section = "moco" if "moco" in data else old[0]
+            raise ValueError(
+                f"{section}: moved to the method: section: {moved} (with method.name: mocov2); "
+                "rename the keys (see params.yaml)"
+            )
+        if isinstance(data.get("method"), dict) and "name" not in data["method"]:
+            data = data | {"method": {"name": "mocov2", **data["method"]}}
+        return data
 
     @model_validator(mode="after")
-    def _queue_fits_batch(self) -> Params:
-        keys_per_step = self.keys_per_step
-        if self.moco.queue_size < keys_per_step:
-            raise ValueError(
-                f"moco.queue_size: {self.moco.queue_size} is smaller than the keys enqueued "
-                "per step "
-                f"({keys_per_step} = train.batch_size x train.num_workers"
-                f"{' x 2 (symmetric)' if self.moco.symmetric else ''}); raise the queue or lower "
-                "the batch"
-            )
+    def _method_fits_training(self) -> Params:
+        self.method.check(self.train)
         return self
 
     @model_validator(mode="after")
@@ -359,17 +437,52 @@ class Params(_Section):
         on its 7th sample: each key names a setting and each extreme passes validation."""
         for key, distribution in self.tune.space.items():
             for value in distribution.bounds():
-                try:
-                    with_overrides(self, self.tune.trial_overrides() | {key: value})
-                except ConfigError as error:
-                    raise ValueError(
-                        f"tune.space.{key}: the bound {value!r} makes an invalid trial ({error})"
-                    ) from None
+                for names in _space_methods(self.tune.space, key, self.method.name):
+                    try:
+                        with_overrides(self, self.tune.trial_overrides() | names | {key: value})
+                    except ConfigError as error:
+                        raise ValueError(
+                            f"tune.space.{key}: the bound {value!r} makes an invalid trial "
+                            f"({error})"
+                        ) from None
         return self
 
     def to_flat_dict(self) -> dict[str, Any]:
         """Dotted keys, for MLflow params and readable logs."""
         return dict(_flatten(self.model_dump()))
+
+
+def _space_methods(space: dict[str, Any], key: str, current: str) -> list[dict[str, str]]:
+    """The method choices a sweep key is checked under: each swept method that has the key
+    (the base's method when method.name is not swept). None for a key of other methods only:
+    no trial applies it (so `--set method.name=mocov3` keeps a v2 sweep space valid)."""
+    if not key.startswith("method.") or key == "method.name":
+        return [{}]
+    names = space["method.name"].bounds() if "method.name" in space else [current]
+    leaf = key.removeprefix("method.")
+    if not any(leaf in c.model_fields for c in METHOD_PARAMS.values()):
+        raise ValueError(
+            f"tune.space.{key}: names no setting of any method {sorted(METHOD_PARAMS)}"
+        )
+    return [
+        {"method.name": n}
+        for n in names
+        if n in METHOD_PARAMS and leaf in METHOD_PARAMS[n].model_fields
+    ]
+
+
+def applicable(values: dict[str, Any], method: str) -> dict[str, Any]:
+    """`values` without the method.* keys that belong to other methods than `method` (a sweep
+    over methods samples every method's keys; each trial takes only its own method's)."""
+    others = set().union(*(c.model_fields for c in METHOD_PARAMS.values()))
+    own = METHOD_PARAMS[method].model_fields if method in METHOD_PARAMS else {}
+    return {
+        k: v
+        for k, v in values.items()
+        if not k.startswith("method.")
+        or (leaf := k.removeprefix("method.")) in own
+        or leaf not in others
+    }
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
@@ -386,7 +499,7 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
 def _apply_override(tree: dict[str, Any], assignment: str) -> None:
     if "=" not in assignment:
         raise ConfigError(
-            f"--set {assignment!r}: expected KEY=VALUE, e.g. --set moco.temperature=0.2"
+            f"--set {assignment!r}: expected KEY=VALUE, e.g. --set method.temperature=0.2"
         )
     key, raw = assignment.split("=", 1)
     key = key.strip()
@@ -404,7 +517,10 @@ def _apply_override(tree: dict[str, Any], assignment: str) -> None:
 
 def _describe(error: ValidationError, source: str) -> str:
     first = error.errors()[0]
-    key = ".".join(str(p) for p in first["loc"])
+    loc = [str(p) for p in first["loc"]]
+    if loc[:1] == ["method"] and len(loc) > 1 and loc[1] in METHOD_PARAMS:
+        del loc[1]  # the discriminated union's tag: method.queue_size, not method.mocov2.queue_size
+    key = ".".join(loc)
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "value_error" and ": " in message:  # a cross-field check names its key
         key, message = message.split(": ", 1)
@@ -417,6 +533,55 @@ def _describe(error: ValidationError, source: str) -> str:
     return f"{source}: {key}: {message}{got}; fix it in the file or with --set {key}=..."
 
 
+def _read_tree(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
+    """The file's mapping, with an `extends: <base file>` (relative to the file) resolved: the
+    base's tree overlaid by this file's keys (see _overlay)."""
+    loaded = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(loaded).__name__}")
+    if EXTENDS_KEY not in loaded:
+        return loaded
+    base = path.parent / str(loaded.pop(EXTENDS_KEY))
+    if not base.is_file():
+        raise ConfigError(
+            f"{path}: extends: {base} does not exist; name the base params file relative to "
+            f"{path.parent}"
+        )
+    if base.resolve() in seen:
+        raise ConfigError(f"{path}: extends: {base} extends {path} again (a cycle)")
+    return _overlay(_read_tree(base, (*seen, path.resolve())), loaded)
+
+
+def _overlay(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `overlay`'s keys winning, section by section and key by key. Two mappings
+    are replaced whole, not merged: `tune.space` (a sweep is the overlay's own) and a `method`
+    of another name (the base's keys are another method's)."""
+    merged = dict(base)
+    for key, value in overlay.items():
+        old = merged.get(key)
+        whole = key == "space" or (
+            key == "method"
+            and isinstance(value, dict)
+            and isinstance(old, dict)
+            and value.get("name", "mocov2") != old.get("name", "mocov2")
+        )
+        if isinstance(value, dict) and isinstance(old, dict) and not whole:
+            merged[key] = _overlay(old, value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _switch_method(tree: dict[str, Any], overrides: list[str]) -> None:
+    """`--set method.name=X` for another method than the file's: the file's method keys are
+    another method's, so X starts from its own defaults (plus the other --set method.* keys)."""
+    names = [a.split("=", 1)[1] for a in overrides if a.split("=", 1)[0].strip() == "method.name"]
+    section = tree.get("method")
+    current = section.get("name", "mocov2") if isinstance(section, dict) else "mocov2"
+    if names and yaml.safe_load(names[-1]) != current:
+        tree["method"] = {}
+
+
 def load_params(
     path: str | Path | None = DEFAULT_PARAMS, overrides: list[str] | None = None
 ) -> Params:
@@ -427,14 +592,10 @@ def load_params(
         path = Path(path)
         source = str(path)
         if path.exists():
-            loaded = yaml.safe_load(path.read_text()) or {}
-            if not isinstance(loaded, dict):
-                raise ConfigError(
-                    f"{path}: expected a mapping of sections, got {type(loaded).__name__}"
-                )
-            tree = loaded
+            tree = _read_tree(path, ())
         elif path != DEFAULT_PARAMS:
             raise ConfigError(f"{path}: no such params file; pass --params with an existing file")
+    _switch_method(tree, overrides or [])
     for assignment in overrides or []:
         _apply_override(tree, assignment)
     try:
@@ -450,7 +611,12 @@ def with_overrides(params: Params, values: dict[str, Any], keep_space: bool = Fa
     tree = params.model_dump()
     if not keep_space:
         tree["tune"]["space"] = {}
-    for key, value in values.items():
+    method = values.get("method.name", params.method.name)
+    if method != params.method.name:  # another method: from its defaults
+        if method not in METHOD_PARAMS:
+            raise ConfigError(f"method.name: {method!r} is not one of {sorted(METHOD_PARAMS)}")
+        tree["method"] = METHOD_PARAMS[method]().model_dump()
+    for key, value in applicable(values, method).items():
         *parents, leaf = key.split(".")
         node = tree
         for part in parents:

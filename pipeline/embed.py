@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import partial
 from itertools import islice
 from pathlib import Path
@@ -191,7 +191,7 @@ def _schema(dim: int, model: str, spec: EncoderSpec) -> pa.Schema:
         ("source", pa.string()),
         ("embedding", pa.list_(pa.float32(), dim)),
     ]
-    return pa.schema(columns, metadata={"model": model, "encoder": json.dumps(asdict(spec))})
+    return pa.schema(columns, metadata={"model": model, "encoder": json.dumps(spec.to_dict())})
 
 
 def _table(batch: list[tuple[Item, Tensor]], embeddings: Tensor, schema: pa.Schema) -> pa.Table:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -26,6 +26,7 @@ from rich.progress import Progress
 from torch import Tensor, nn
 from torchvision.transforms.v2 import functional as TF
 
+from moco.knn import knn_top1
 from pipeline.benchmark import benchmark, shard_reference
 from pipeline.config import Params
 from pipeline.dataset import data_version
@@ -50,7 +51,6 @@ from pipeline.evaluation.features import (
     model_fingerprint,
 )
 from pipeline.evaluation.fewshot import fewshot_accuracy
-from pipeline.evaluation.knn import knn_top1
 from pipeline.evaluation.label_free import alignment, neighbourhood_agreement, rankme, uniformity
 from pipeline.evaluation.plots import PlotInputs, write_plots
 from pipeline.evaluation.probes import (
@@ -63,6 +63,7 @@ from pipeline.evaluation.probes import (
 )
 from pipeline.evaluation.robustness import robustness_metrics
 from pipeline.evaluation.supervised import SupervisedBudget, train_supervised
+from pipeline.method import build_augment
 from pipeline.registry import production_model
 from pipeline.tracking import (
     exported_run,
@@ -71,7 +72,6 @@ from pipeline.tracking import (
     run_id_of,
     setup_mlflow,
 )
-from pipeline.train_worker import build_augment
 
 REFERENCES = keys.REFERENCES
 
@@ -188,13 +188,13 @@ def _assess(
     # Only a forced bf16 evaluates in bf16; `auto` scores in fp32 on every machine, so recorded
     # metrics stay comparable wherever production was evaluated.
     bf16 = params.train.precision == "bf16"
-    fingerprint = model_fingerprint(encoder, spec=asdict(spec), bf16=bf16)
+    fingerprint = model_fingerprint(encoder, spec=spec.to_dict(), bf16=bf16)
     subjects = [_Subject(keys.ENCODER, feature_net(encoder), fingerprint, bf16)]
     if references:
         torch.manual_seed(e.seed)
         random_encoder, _ = spec.build()
         subjects.append(_Subject("pixels", feature_net(None), None))
-        random_print = model_fingerprint(random_encoder, spec=asdict(spec), bf16=bf16)
+        random_print = model_fingerprint(random_encoder, spec=spec.to_dict(), bf16=bf16)
         subjects.append(_Subject("random", feature_net(random_encoder), random_print, bf16))
     names = [s.name for s in subjects] + ([keys.SUPERVISED] if references else [])
     metrics: dict[str, float] = {}

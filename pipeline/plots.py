@@ -28,22 +28,31 @@ def plot_parallel_coordinates(
     trials: list[dict], keys: list[str], metric: str, log_keys: list[str]
 ) -> Figure:
     """A sweep at a glance: one line per trial across the swept settings and the metric,
-    coloured by the metric; dashed lines are trials ASHA stopped early."""
+    coloured by the metric; dashed lines are trials ASHA stopped early. A None value (a key
+    of another method than the trial's) leaves a gap in that trial's line."""
     import numpy as np
 
     axes_keys = [*keys, metric]
     columns, labels = [], []
     for key in axes_keys:
         raw = [t[key] for t in trials]
-        numeric = all(isinstance(v, int | float) for v in raw)
-        categories = sorted(set(map(str, raw)))  # e.g. moco.augmentation: v1 | v2
-        values = np.array([float(v) if numeric else categories.index(str(v)) for v in raw])
+        present = [v for v in raw if v is not None]  # None: not a setting of the trial's method
+        numeric = all(isinstance(v, int | float) for v in present)
+        categories = sorted(set(map(str, present)))  # e.g. method.name: mocov2 | mocov3
+        values = np.array(
+            [
+                np.nan if v is None else float(v) if numeric else categories.index(str(v))
+                for v in raw
+            ]
+        )
         labels.append(
-            (f"{max(raw):.3g}", f"{min(raw):.3g}") if numeric else (categories[-1], categories[0])
+            (f"{max(present):.3g}", f"{min(present):.3g}")
+            if numeric
+            else (categories[-1], categories[0])
         )
         if numeric and key in log_keys:
             values = np.log10(values)
-        low, high = values.min(), values.max()
+        low, high = np.nanmin(values), np.nanmax(values)
         columns.append((values - low) / (high - low) if high > low else np.full_like(values, 0.5))
     scores = np.array([float(t[metric]) for t in trials])
     colours = plt.cm.viridis((scores - scores.min()) / (np.ptp(scores) or 1.0))

@@ -19,14 +19,16 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from filelock import FileLock, Timeout
 
-from moco import MoCo
-from pipeline.config import Params
+from moco.backbones import BackboneSpec
+from moco.distributed import single_process
+from moco.methods import Method, build_method
+from pipeline.config import Params, method_settings
+from pipeline.method import backbone_spec
 
 Precision = Literal["fp32", "bf16"]
 CACHE_ENV = "MOCO_PRECISION_CACHE"  # a JSON file path; overrides the default below
@@ -38,8 +40,8 @@ PROBE_MIN_STEPS = 2  # measured steps per precision, whatever the budget
 PROBE_LOCK_TIMEOUT_S = 60.0  # wait this long for another worker's probe on this machine
 # In the cache key: 2 = probes take turns (the lock). Answers of version-1 probes, which could
 # run side by side and slow each other (1.09x cached where bf16 trains 1.22x faster), are
-# measured again.
-PROBE_VERSION = 2
+# measured again. 3 = the probe runs the method's own forward (any method, via moco.methods).
+PROBE_VERSION = 3
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")  # x86 AVX-512/AMX, aarch64 BF16
 
 
@@ -47,30 +49,23 @@ NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")  # x86 AVX-512/AMX, aarc
 class ModelShape:
     """What sets a training step's speed: the cache key's model half, and the probe's model."""
 
-    backbone: str
-    width: int
-    small_stem: bool
-    stem_stride: int
-    in_channels: int
-    image_size: int
+    method: str
+    settings: dict[str, Any]  # the method's own (moco.methods.build_method)
+    backbone: BackboneSpec
+    world_size: int  # a method may build differently per world size (MoCo v2's shuffle BN)
     batch_size: int  # per worker
-    bn_splits: int
     channels_last: bool
 
     @classmethod
     def from_params(cls, params: Params, world_size: int = 1) -> ModelShape:
-        """The shape one worker of a `world_size` run trains (the workers' own BN choice)."""
-        m, t = params.model, params.train
+        """The shape one worker of a `world_size` run trains."""
         return cls(
-            backbone=m.backbone,
-            width=m.width,
-            small_stem=m.small_stem,
-            stem_stride=m.stem_stride,
-            in_channels=m.in_channels,
-            image_size=m.image_size,
-            batch_size=t.batch_size,
-            bn_splits=params.moco.bn_splits if world_size == 1 else 1,
-            channels_last=t.channels_last,
+            method=params.method.name,
+            settings=method_settings(params.method),
+            backbone=backbone_spec(params.model),
+            world_size=world_size,
+            batch_size=params.train.batch_size,
+            channels_last=params.train.channels_last,
         )
 
 
@@ -183,23 +178,16 @@ def cpu_model() -> str:
 
 
 def probe_step_seconds(shape: ModelShape) -> tuple[float, float]:
-    """Median seconds of one MoCo training step (key forward, query forward, InfoNCE, backward)
-    in fp32 and in bf16 autocast, interleaved so load from other processes hits both alike.
+    """Median seconds of one training step of the method (its forward and backward) in fp32
+    and in bf16 autocast, interleaved so load from other processes hits both alike.
 
     The probe builds its own model from `shape` (the run's model is left untouched) and calls no
     collective, so workers of one run may each probe on their own. One warm-up step per precision
     (oneDNN creates its kernels there) is not timed."""
     batch = min(shape.batch_size, PROBE_BATCH_CAP)
-    model = MoCo.from_backbone(
-        shape.backbone,
-        width=shape.width,
-        small_stem=shape.small_stem,
-        stem_stride=shape.stem_stride,
-        in_channels=shape.in_channels,
-        queue_size=batch,
-        bn_splits=shape.bn_splits if batch % shape.bn_splits == 0 else 1,
-    )
-    images = torch.rand(batch, shape.in_channels, shape.image_size, shape.image_size)
+    model = build_method(shape.method, shape.backbone, shape.settings, world_size=shape.world_size)
+    spec = shape.backbone
+    images = torch.rand(batch, spec.in_channels, spec.image_size, spec.image_size)
     if shape.channels_last:
         model = model.to(memory_format=torch.channels_last)
         images = images.contiguous(memory_format=torch.channels_last)
@@ -218,11 +206,10 @@ def probe_step_seconds(shape: ModelShape) -> tuple[float, float]:
     return statistics.median(times[False]), statistics.median(times[True])
 
 
-def _probe_step(model: MoCo, images: torch.Tensor, bf16: bool) -> None:
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        with torch.no_grad():
-            keys = F.normalize(model.encoder_k(images).float(), dim=1)
-        loss, _ = model.contrast(F.normalize(model.encoder_q(images), dim=1), keys)
+def _probe_step(model: Method, images: torch.Tensor, bf16: bool) -> None:
+    """One step of the method on `images` as both views, without collectives."""
+    with single_process(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        loss = model(images, images).loss
     model.zero_grad(set_to_none=True)
     loss.backward()
 

@@ -27,7 +27,14 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from pipeline.config import Params, with_overrides
 from pipeline.dataset import data_version, read_manifest, shard_urls, steps_per_epoch
-from pipeline.encoder import RUN_FILE, SPEC_FILE, WEIGHTS_FILE
+from pipeline.encoder import (
+    RUN_FILE,
+    SPEC_FILE,
+    WEIGHTS_FILE,
+    EncoderSpec,
+    check_warm_start,
+    read_spec,
+)
 from pipeline.errors import StageError
 from pipeline.plots import plot_training_curves
 from pipeline.preflight import check_endpoints
@@ -106,6 +113,9 @@ def plan(params: Params) -> WorkerConfig:
     labelled = _labelled_splits(shards)
     monitor = params.eval.monitor_bank > 0 and {"train", "test"} <= labelled
     init_from = _warm_start_location(t.init_from, tracking_uri(params))
+    if init_from:  # refused here, before any worker starts
+        found = read_spec(init_from, tracking_uri(params))
+        check_warm_start(EncoderSpec.from_params(params), found, t.init_from)
     return WorkerConfig(
         params=params.model_dump() | {"train": t.model_dump() | {"init_from": init_from}},
         train_urls=train_urls,
@@ -205,7 +215,8 @@ def pretrain(
                 TRAIN_SAMPLES_TAG: read_manifest(params.data.shards_dir, "train")["samples"],
                 "ray_workers": t.num_workers,
                 "stage": "pretrain",
-                "mlflow.note.content": f"MoCo pretraining on data {version} "
+                "method": params.method.name,
+                "mlflow.note.content": f"{params.method.name} pretraining on data {version} "
                 f"(init: {t.init_from or 'from scratch'})",
             }
         )

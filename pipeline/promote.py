@@ -24,6 +24,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import Params
+from pipeline.encoder import read_spec
 from pipeline.errors import StageError
 from pipeline.evaluate import score
 from pipeline.evaluation import keys
@@ -239,7 +240,7 @@ def _write(decision: Decision, path: str | Path) -> None:
 
 
 def _candidate_tags(
-    params: Params, metrics: dict[str, float], decision: Decision
+    params: Params, metrics: dict[str, float], decision: Decision, method: str
 ) -> dict[str, str]:
     """The few tags a reader filters versions on: the gated metrics and what they were measured
     on. Every metric is on the model's run; the decision's reason is the version's description."""
@@ -251,6 +252,7 @@ def _candidate_tags(
         "git_commit": git_commit(),
         "config_hash": decision.config_hash,
         "eval_protocol": eval_protocol(params),
+        "method": method,  # what trained it: the gate compares encoders whatever trained them
         "decision": "promoted" if decision.promoted else "rejected",
         "decided_at": decision.decided_at,
     }
@@ -317,6 +319,7 @@ def promote(
     eval_version = versions.get("eval_version", "")
     baseline = _baseline(params, production, eval_version)
     registered = mlflow.register_model(model_uri, name)
+    method = read_spec(model_uri, tracking_uri(params)).method  # what trained it (encoder.json)
     version = str(registered.version)
     if registered.run_id:  # the numbers it is gated on, where _recorded reads them next time
         log_eval_metrics(client, registered.run_id, metrics)
@@ -339,7 +342,8 @@ def promote(
             production_metrics=dict(baseline.metrics) if baseline else {},
         )
         move_aliases(client, name, _alias_moves(decision))
-        set_version_tags(client, name, version, _candidate_tags(params, metrics, decision))
+        tags = _candidate_tags(params, metrics, decision, method)
+        set_version_tags(client, name, version, tags)
         client.update_model_version(name, version, description=_description(decision))
     _write(decision, decision_file)
     return decision

@@ -1,8 +1,8 @@
-"""The per-worker MoCo training loop that Ray Train runs on every rank.
+"""The per-worker training loop that Ray Train runs on every rank, for any method (moco.methods).
 
-Ray starts the processes and the process group; this loop wraps only the query encoder in DDP
-(the key encoder follows by EMA, so it needs no gradient sync), streams its share of the shards,
-and reports one metrics row (plus a checkpoint from rank 0) per epoch, with more checkpoints
+Ray starts the processes and the process group; this loop lets the method wrap the parts that
+get gradients in DDP (a key encoder follows by EMA, so it needs none), streams its share of the
+shards, and reports one metrics row (plus a checkpoint from rank 0) per epoch, with more checkpoints
 inside the epoch (train.checkpoint_every_steps / _minutes) so a lost worker costs minutes.
 """
 
@@ -13,7 +13,7 @@ import math
 import tempfile
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,18 +24,20 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from webdataset.utils import make_seed
 
-from moco import MoCo, cosine_momentum, cosine_with_warmup, step_schedule
-from moco.augment import AugmentRecipe, BatchMoCoAugment, BatchTwoCrops, eval_transform
-from moco.distributed import broadcast_module
+from moco import Method, cosine_with_warmup, step_schedule
+from moco.augment import BatchTwoCrops, eval_transform
+from moco.distributed import broadcast_module, plain_state_dict
 from moco.knn import extract_features, knn_accuracy
 from pipeline.config import Params
 from pipeline.dataset import eval_loader, training_loader
-from pipeline.encoder import EncoderSpec, load_encoder, save_encoder
+from pipeline.encoder import EncoderSpec, check_warm_start, load_encoder, save_encoder
 from pipeline.errors import DivergedError
+from pipeline.method import build_augment, build_model
 from pipeline.precision import ModelShape, precision_cache_path, resolve_precision
 
 STATE_FILE = "state.pt"
-QUEUE_FILE = "queue-rank{rank}.pt"  # each rank's queue, to check they stayed identical
+# each rank's Method.extra_state() (MoCo v2: its queue, so the ranks' queues can be compared)
+EXTRA_FILE = "extra-rank{rank}.pt"
 STEP_KEY = "step_in_epoch"  # only in a mid-epoch report: a checkpoint, not an epoch's metrics
 # The ranks agree on the clock (a collective, ~1 ms on 2 busy CPUs) every this many steps only:
 # next to a 20 ms GPU step, every step would cost a few percent.
@@ -57,36 +59,6 @@ class WorkerConfig:
     monitor_query_urls: list[str]
     num_classes: int
     steps_per_epoch: int
-
-
-def build_model(params: Params, world_size: int) -> MoCo:
-    m = params.model
-    return MoCo.from_backbone(
-        m.backbone,
-        width=m.width,
-        small_stem=m.small_stem,
-        stem_stride=m.stem_stride,
-        in_channels=m.in_channels,
-        mean=m.mean,
-        std=m.std,
-        dim=m.dim,
-        mlp=m.mlp,
-        queue_size=params.moco.queue_size,
-        momentum=params.moco.momentum,
-        temperature=params.moco.temperature,
-        symmetric=params.moco.symmetric,
-        # Across ranks, real shuffle BN; on one process, the split-batch emulation.
-        bn_splits=params.moco.bn_splits if world_size == 1 else 1,
-    )
-
-
-def build_augment(params: Params, image_size: int | None = None) -> BatchMoCoAugment:
-    """The params' MoCo augmentation, as every stage that draws views uses it; `image_size`
-    (default model.image_size) for images decoded at another encoder's size."""
-    size = image_size or params.model.image_size
-    recipe = AugmentRecipe.named(params.moco.augmentation, size)
-    recipe = replace(recipe, scale=(params.moco.crop_min_scale, 1.0))
-    return BatchMoCoAugment(size, recipe)
 
 
 def lr_multiplier(params: Params, steps_per_epoch: int):
@@ -133,15 +105,14 @@ def knn_monitor(
 
 
 def _save_checkpoint(
-    directory: Path, model: MoCo, query_encoder, optimizer, scheduler, epoch: int, step: int
-):
-    """Full training state for a resume (the queue and its pointer included), `step` steps
-    into `epoch` (steps_per_epoch at the epoch's end)."""
+    directory: Path, model: Method, optimizer, scheduler, epoch: int, step: int
+) -> None:
+    """Full training state for a resume (the method's extra state is each rank's own file),
+    `step` steps into `epoch` (steps_per_epoch at the epoch's end). The model's state is saved
+    without DDP / compile wrappers, so it loads into a freshly built method."""
     torch.save(
         {
-            "encoder_q": query_encoder.state_dict(),
-            "encoder_k": model.encoder_k.state_dict(),
-            "queue": model.queue.state_dict(),
+            "model": plain_state_dict(model),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "epoch": epoch,
@@ -152,15 +123,22 @@ def _save_checkpoint(
 
 
 def _restore(
-    model: MoCo, optimizer, scheduler, checkpoint: ray.train.Checkpoint, steps_per_epoch: int
+    model: Method,
+    optimizer,
+    scheduler,
+    checkpoint: ray.train.Checkpoint,
+    steps_per_epoch: int,
+    rank: int = 0,
 ) -> tuple[int, int]:
     """Load a checkpoint written by _save_checkpoint (before DDP wrapping); returns where to go
     on: (epoch, steps of it already done)."""
     with checkpoint.as_directory() as directory:
         state = torch.load(Path(directory) / STATE_FILE, weights_only=True, map_location="cpu")
-    model.encoder_q.load_state_dict(state["encoder_q"])
-    model.encoder_k.load_state_dict(state["encoder_k"])
-    model.queue.load_state_dict(state["queue"])
+        extra = Path(directory) / EXTRA_FILE.format(rank=rank)
+        if not extra.exists():  # a rank this run has that the checkpointed one had not
+            extra = Path(directory) / EXTRA_FILE.format(rank=0)
+        model.load_state_dict(state["model"])
+        model.load_extra_state(torch.load(extra, weights_only=True, map_location="cpu"))
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     step = state.get("step", steps_per_epoch)  # checkpoints from before mid-epoch ones: ends
@@ -194,8 +172,7 @@ class Checkpointer:
     steps read a freshly seeded shuffle of the rank's shards (some images of the epoch are then
     seen twice and others not at all)."""
 
-    model: MoCo
-    query_encoder: torch.nn.Module  # the plain module (not the DDP wrapper)
+    model: Method
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     params: Params
@@ -206,25 +183,19 @@ class Checkpointer:
 
     def report(self, metrics: dict[str, Any], epoch: int, step: int | None) -> None:
         """ray.train.report on every rank; with `step`, a checkpoint `step` steps into `epoch`:
-        rank 0 writes the state and the encoder, every rank its queue (Ray merges the folders,
-        so the queues can be compared)."""
+        rank 0 writes the state and the encoder, every rank its extra state (Ray merges the
+        folders, so the ranks' queues can be compared)."""
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if step is not None:
                 if self.rank == 0:
                     _save_checkpoint(
-                        Path(tmp),
-                        self.model,
-                        self.query_encoder,
-                        self.optimizer,
-                        self.scheduler,
-                        epoch,
-                        step,
+                        Path(tmp), self.model, self.optimizer, self.scheduler, epoch, step
                     )
-                    spec = EncoderSpec.from_params(self.params.model)
+                    spec = EncoderSpec.from_params(self.params)
                     save_encoder(self.model.export_encoder(), spec, tmp)
-                queue = self.model.queue.state_dict()
-                torch.save(queue, Path(tmp) / QUEUE_FILE.format(rank=self.rank))
+                extra = self.model.extra_state()
+                torch.save(extra, Path(tmp) / EXTRA_FILE.format(rank=self.rank))
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
                 self.last_saved = time.monotonic()
             ray.train.report(metrics, checkpoint=checkpoint)
@@ -245,16 +216,19 @@ class Checkpointer:
         return _rank0_decides(late, self.device)
 
 
-def _warm_start(model: MoCo, location: str) -> None:
-    """Start both encoders' backbones from an exported encoder (scheduled retraining)."""
-    encoder, _ = load_encoder(location)
+def _warm_start(model: Method, params: Params, location: str) -> None:
+    """Start the method's backbones from an exported encoder (scheduled retraining): the
+    exported weights become the query backbone, and the method's export/EMA copies follow."""
+    encoder, spec = load_encoder(location)
+    check_warm_start(EncoderSpec.from_params(params), spec, location)
     weights = encoder.state_dict()
-    model.encoder_q.backbone.load_state_dict(weights)
-    model.encoder_k.backbone.load_state_dict(weights)
+    for name, module in model.named_modules():
+        if name.endswith("backbone"):  # encoder_q.backbone, encoder_k.backbone, ...
+            module.load_state_dict(weights)
 
 
 def _epoch(
-    model: MoCo,
+    model: Method,
     batches,
     two_crops: BatchTwoCrops,
     optimizer,
@@ -276,9 +250,7 @@ def _epoch(
     for step, images in enumerate(itertools.islice(batches, steps), start=start_step):
         wait += time.perf_counter() - fetched
         im_q, im_k = two_crops(images.to(device, non_blocking=True))  # augmented on the device
-        if params.moco.momentum_schedule == "cosine":
-            global_step = epoch * cfg.steps_per_epoch + step
-            model.momentum = cosine_momentum(params.moco.momentum, global_step, total_steps)
+        model.on_step((epoch * cfg.steps_per_epoch + step) / total_steps)
         with _autocast(params, device):
             loss = model(
                 _to_device(im_q, device, t.channels_last), _to_device(im_k, device, t.channels_last)
@@ -286,7 +258,7 @@ def _epoch(
         if not torch.isfinite(loss):
             raise DivergedError(
                 f"loss is {loss.item()} at epoch {epoch} step {step}; lower train.lr or raise "
-                "moco.temperature — this run is failed and will not be promoted"
+                "method.temperature — this run is failed and will not be promoted"
             )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -301,7 +273,7 @@ def _epoch(
         "epochs_done": epoch + 1,  # Tune's clock: survives a restart, unlike its iteration count
         "loss": loss_sum / steps,
         "lr": scheduler.get_last_lr()[0],
-        "momentum": model.momentum,
+        **model.epoch_metrics(),
         "images_per_s": steps * t.global_batch / elapsed,
         "data_wait_fraction": wait / elapsed,
     }
@@ -330,32 +302,26 @@ def train_loop(config: dict[str, Any]) -> None:
     model = build_model(params, world).to(device)
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(
-        model.encoder_q.parameters(),
-        lr=t.lr * t.global_batch / 256,
-        momentum=t.sgd_momentum,
-        weight_decay=t.weight_decay,
-    )
+    optimizer = model.optimizer(t.lr * t.global_batch / 256, t.weight_decay, t.sgd_momentum)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_multiplier(params, cfg.steps_per_epoch)
     )
     start_epoch, start_step = 0, 0
     if (checkpoint := ray.train.get_checkpoint()) is not None:
         start_epoch, start_step = _restore(
-            model, optimizer, scheduler, checkpoint, cfg.steps_per_epoch
+            model, optimizer, scheduler, checkpoint, cfg.steps_per_epoch, rank
         )
     elif t.init_from:
-        _warm_start(model, t.init_from)
-    query_encoder = model.encoder_q  # the plain module, for export and the kNN monitor
+        _warm_start(model, params, t.init_from)
     if world > 1:
         broadcast_module(model)  # rank 0's key encoder and queue too, not only what DDP wraps
-        model.encoder_q = DistributedDataParallel(model.encoder_q)
+        model.ddp_wrap(DistributedDataParallel)
     if t.compile:
-        model.encoder_q = torch.compile(model.encoder_q)
+        model.ddp_wrap(torch.compile)
 
     two_crops = BatchTwoCrops(build_augment(params))
     checkpointer = Checkpointer(
-        model, query_encoder, optimizer, scheduler, params, cfg.steps_per_epoch, rank, device
+        model, optimizer, scheduler, params, cfg.steps_per_epoch, rank, device
     )
     for epoch in range(start_epoch, t.epochs):
         # augmentations: reproducible per epoch (a fresh draw for the rest of a resumed one)
@@ -387,6 +353,6 @@ def train_loop(config: dict[str, Any]) -> None:
         start_step = 0
         metrics["precision_bf16"] = float(t.precision == "bf16")  # the run's record of auto
         if rank == 0 and params.eval.monitor_bank and cfg.monitor_bank_urls:
-            metrics["knn_top1"] = knn_monitor(query_encoder.backbone, cfg, params, device)
+            metrics["knn_top1"] = knn_monitor(model.export_encoder(), cfg, params, device)
         save = epoch == t.epochs - 1 or (epoch + 1) % t.checkpoint_every == 0
         checkpointer.report(metrics, epoch, cfg.steps_per_epoch if save else None)

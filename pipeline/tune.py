@@ -22,7 +22,15 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import BasicVariantGenerator
 
-from pipeline.config import Choice, Params, Range, TuneParams, dump_params, with_overrides
+from pipeline.config import (
+    Choice,
+    Params,
+    Range,
+    TuneParams,
+    applicable,
+    dump_params,
+    with_overrides,
+)
 from pipeline.dataset import data_version
 from pipeline.errors import StageError
 from pipeline.plots import plot_parallel_coordinates
@@ -91,6 +99,15 @@ def search_space(space: dict[str, Choice | Range]) -> dict[str, Any]:
     }
 
 
+def trial_values(space: dict[str, Any], config: dict[str, Any], base_method: str) -> dict[str, Any]:
+    """What a trial ran with, per swept key: its sampled value, or None where the key is a
+    setting of another method than the trial's (a sweep over methods samples every method's
+    keys; the trial's config drops the others). `method.name` is always there."""
+    method = config.get("method.name", base_method)
+    kept = applicable(config, method)
+    return {"method.name": method} | {k: kept.get(k) for k in space}
+
+
 def _searcher(tp: TuneParams):
     """Random (seeded) or Optuna TPE, either holding at most max_concurrent_trials at once:
     more would queue worker groups the cluster cannot place (a deadlock, not an error)."""
@@ -118,7 +135,8 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     trial_id = tune.get_context().get_trial_id()
     base = Params.model_validate(setup.params)
     params = with_overrides(base, base.tune.trial_overrides() | config)
-    run_id = _child_run(setup, trial_id, config)
+    values = trial_values(base.tune.space, config, base.method.name)
+    run_id = _child_run(setup, trial_id, {k: v for k, v in values.items() if v is not None})
     trainer = build_trainer(
         params,
         plan(params),
@@ -288,6 +306,7 @@ def _stop_reason(result, epochs: int) -> str:
 
 def _record_trials(grid, setup: TrialSetup, tp: TuneParams) -> list[dict[str, Any]]:
     """One row per trial; each child run gets its stop reason and a final status."""
+    setup_method = Params.model_validate(setup.params).method.name
     client = MlflowClient(setup.tracking)
     children = {
         run.data.tags[TRIAL_TAG]: run.info.run_id
@@ -302,7 +321,7 @@ def _record_trials(grid, setup: TrialSetup, tp: TuneParams) -> list[dict[str, An
         trial_id = metrics.get("trial_id") or Path(result.path).name
         reason = _stop_reason(result, tp.epochs)
         config = result.config or {}  # None for a trial that died before its first report
-        row = {"trial_id": trial_id, **{k: config.get(k) for k in tp.space}}
+        row = {"trial_id": trial_id, **trial_values(tp.space, config, setup_method)}
         row |= {
             tp.metric: metrics.get(tp.metric),
             "loss": metrics.get("loss"),
@@ -319,6 +338,11 @@ def _record_trials(grid, setup: TrialSetup, tp: TuneParams) -> list[dict[str, An
     return rows
 
 
+def _plot_keys(tp: TuneParams) -> list[str]:
+    """The plot's axes: the method first (whether swept or not), then the swept settings."""
+    return ["method.name", *(k for k in tp.space if k != "method.name")]
+
+
 def _record_best(params: Params, trials: list[dict[str, Any]], folder: str) -> SweepResult:
     """Pick the best trial among those that ran the full schedule; write and log its config."""
     tp = params.tune
@@ -328,7 +352,7 @@ def _record_best(params: Params, trials: list[dict[str, Any]], folder: str) -> S
     completed = [t for t in scored if t["stop_reason"] == "completed"] or scored
     pick = max if tp.mode == "max" else min
     best = pick(completed, key=lambda t: t[tp.metric])
-    values = {k: best[k] for k in tp.space}
+    values = {k: best[k] for k in ("method.name", *tp.space) if best[k] is not None}
     dump_params(with_overrides(params, values, keep_space=True), tp.best_params_file)
 
     trials = sorted(scored, key=lambda t: t[tp.metric], reverse=tp.mode == "max") + [
@@ -343,7 +367,7 @@ def _record_best(params: Params, trials: list[dict[str, Any]], folder: str) -> S
     mlflow.log_artifact(tp.best_params_file)
     log_axes = [k for k, d in tp.space.items() if d.type.startswith("log")]
     mlflow.log_figure(
-        plot_parallel_coordinates(scored, list(tp.space), tp.metric, log_axes),
+        plot_parallel_coordinates(scored, _plot_keys(tp), tp.metric, log_axes),
         "parallel_coordinates.png",
     )
     mlflow.log_metric(f"best_{tp.metric}", best[tp.metric])

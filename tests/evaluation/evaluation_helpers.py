@@ -8,7 +8,7 @@ from pipeline.config import ModelParams, Params, load_params
 from pipeline.encoder import EncoderSpec
 
 # Width 4 at 16 px (digits are upsampled from 8 px): every forward pass is trivial.
-TINY_SPEC = EncoderSpec.from_params(ModelParams(width=4, image_size=16))
+TINY_SPEC = EncoderSpec.from_params(Params(model=ModelParams(width=4, image_size=16)))
 
 # Small knobs: every protocol runs, on digits (1437 train / 360 test images), in seconds.
 TINY_EVAL = {

@@ -6,8 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moco.knn import knn_accuracy
-from pipeline.evaluation.knn import knn_top1
+from moco.knn import knn_top1
 from pipeline.evaluation.probes import (
     ProbeRecipe,
     balanced_subset,
@@ -48,13 +47,6 @@ def test_noise_features_score_chance() -> None:
     for acc in knn_top1(train_f, train_y, test_f, test_y, CLASSES, [200, 20], 0.1).values():
         assert abs(acc - chance) < tolerance
     assert abs(top1(fit_probe(train_f, train_y, CLASSES), test_f, test_y) - chance) < tolerance
-
-
-def test_multi_k_knn_matches_the_monitor() -> None:
-    (train_f, train_y), (test_f, test_y) = pure_noise(600, 2), pure_noise(300, 3)
-    got = knn_top1(train_f, train_y, test_f, test_y, CLASSES, [50, 7, 1], 0.1, chunk_size=64)
-    for k, acc in got.items():
-        assert acc == pytest.approx(knn_accuracy(train_f, train_y, test_f, test_y, CLASSES, k, 0.1))
 
 
 def test_probe_is_deterministic_and_noise_zero_is_the_clean_probe() -> None:

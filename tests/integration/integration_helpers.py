@@ -29,7 +29,7 @@ BIN = Path(sys.executable).parent
 TINY = {
     "data": {"train_limit": 1024, "test_limit": 256, "min_shards": 4},
     "model": {"width": 8},
-    "moco": {"queue_size": 256},
+    "method": {"queue_size": 256},
     "train": {"epochs": 2, "batch_size": 32, "checkpoint_every": 1},
     "eval": {"batch_size": 256, "monitor_bank": 256, "monitor_queries": 128},
 }

@@ -33,7 +33,7 @@ AGENT_TRIES = 12
 RUN = [
     "train.epochs=1",
     "train.batch_size=16",
-    "moco.queue_size=1000",
+    "method.queue_size=1000",
     "train.checkpoint_every_steps=8",
     "train.checkpoint_every_minutes=0",
 ]
@@ -113,7 +113,7 @@ def test_pretrain_survives_losing_a_node_mid_epoch(
     assert [(s["epoch"], s["step"]) for s in states] == [(0, steps - 8), (0, steps)]
     # keys enqueued per step (from the last 8 steps): a queue restored from the checkpoint has
     # taken every step's keys of the epoch; a fresh one only those since the resume
-    ptrs = [int(s["queue"]["ptr"]) for s in states]
+    ptrs = [int(s["model"]["queue.ptr"]) for s in states]
     per_step = (ptrs[1] - ptrs[0]) % 1000 // 8
     assert ptrs[1] == steps * per_step % 1000
 
@@ -163,7 +163,7 @@ def test_a_two_trial_sweep_with_its_storage_on_s3(
         # one DDP worker per trial: with two, trial 2's workers were never placed on this
         # cluster (see the report; the worker-group timeout now fails such a run)
         "tune.workers_per_trial=1",
-        "tune.space.moco.queue_size={type: choice, values: [256, 512]}",
+        "tune.space.method.queue_size={type: choice, values: [256, 512]}",
     ]
     env = _env(two_nodes, project)
     started = time.monotonic()

@@ -21,7 +21,7 @@ from pipeline.encoder import load_encoder
 from pipeline.errors import StageError
 from pipeline.pretrain import plan, pretrain
 from pipeline.shard import shard
-from pipeline.train_worker import QUEUE_FILE, STATE_FILE
+from pipeline.train_worker import EXTRA_FILE, STATE_FILE
 
 pytestmark = pytest.mark.integration
 
@@ -58,7 +58,7 @@ def test_two_workers_checkpoint_metrics_model_and_identical_queues(
     assert any("step_in_epoch" in c["metrics"] for c in kept["checkpoint_results"])
     latest = checkpoints(result.run_id)[-1]
     assert (latest / STATE_FILE).exists()
-    queues = [torch.load(latest / QUEUE_FILE.format(rank=r), weights_only=True) for r in (0, 1)]
+    queues = [torch.load(latest / EXTRA_FILE.format(rank=r), weights_only=True) for r in (0, 1)]
     assert torch.equal(queues[0]["keys"], queues[1]["keys"])
     assert torch.equal(queues[0]["ptr"], queues[1]["ptr"])
 
@@ -101,9 +101,9 @@ def test_resume_continues_the_same_run_from_its_checkpoint(
     assert final["epoch"] == 1
     # the queue went on from the held pointer by exactly one epoch of enqueued keys
     steps = plan(params).steps_per_epoch
-    size = held["queue"]["keys"].shape[1]
-    enqueued = steps * params.keys_per_step
-    assert int(final["queue"]["ptr"]) == (int(held["queue"]["ptr"]) + enqueued) % size
+    size = held["model"]["queue.keys"].shape[1]
+    enqueued = steps * params.method.keys_per_step(params.train.global_batch)
+    assert int(final["model"]["queue.ptr"]) == (int(held["model"]["queue.ptr"]) + enqueued) % size
 
 
 def test_a_killed_worker_is_survived_from_the_last_checkpoint(
@@ -127,7 +127,7 @@ def test_a_worker_lost_mid_epoch_costs_only_the_steps_since_the_last_checkpoint(
     params = variant(
         "train.epochs=1",
         "train.batch_size=8",
-        "moco.queue_size=1000",
+        "method.queue_size=1000",
         "train.checkpoint_every_steps=8",
         "train.checkpoint_every_minutes=0",
     )
@@ -144,7 +144,10 @@ def test_a_worker_lost_mid_epoch_costs_only_the_steps_since_the_last_checkpoint(
     final = torch.load(checkpoints(result.run_id)[-1] / STATE_FILE, weights_only=True)
     assert (final["epoch"], final["step"]) == (0, steps)
     # one epoch of keys in all: the queue went on from the checkpoint's pointer
-    assert int(final["queue"]["ptr"]) == steps * params.keys_per_step % 1000
+    assert (
+        int(final["model"]["queue.ptr"])
+        == steps * params.method.keys_per_step(params.train.global_batch) % 1000
+    )
 
 
 def pretrain_killing_a_worker(params: Params):

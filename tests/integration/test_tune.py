@@ -27,7 +27,7 @@ SWEEP = [
     "tune.workers_per_trial=2",
     "tune.cpus_per_worker=0.9",
     "tune.seed=1",
-    "tune.space.moco.queue_size={type: choice, values: [256, 512]}",
+    "tune.space.method.queue_size={type: choice, values: [256, 512]}",
     # checkpoints inside the trials' epochs too: ASHA and MLflow must still see epochs only
     "train.checkpoint_every_steps=4",
 ]
@@ -62,8 +62,8 @@ def test_sweep_stops_trials_early_records_children_and_writes_a_usable_best_conf
         history = client.get_metric_history(child.info.run_id, "knn_top1")
         assert len(history) == trial["epochs"]
         assert history[-1].value == pytest.approx(trial["knn_top1"])
-        assert float(child.data.params["moco.temperature"]) == pytest.approx(
-            trial["moco.temperature"]
+        assert float(child.data.params["method.temperature"]) == pytest.approx(
+            trial["method.temperature"]
         )
 
     parent_artifacts = {a.path for a in client.list_artifacts(result.parent_run_id)}
@@ -107,7 +107,7 @@ def test_sweep_flow_retrains_the_best_config_outside_the_dvc_outputs(
         "tune.name=flow",
         "tune.num_samples=2",
         "tune.epochs=1",
-        "tune.space.moco.queue_size={type: choice, values: [256, 512]}",
+        "tune.space.method.queue_size={type: choice, values: [256, 512]}",
     ]
     params = load_params("params.yaml", overrides)
     dump_params(params, "sweep.yaml")  # the flow takes a params file
@@ -123,7 +123,7 @@ def test_sweep_flow_retrains_the_best_config_outside_the_dvc_outputs(
     version = client.get_model_version("moco-encoder", decision["version"])
     assert version.run_id == run_id
     run = client.get_run(run_id)
-    best_values = load_params(params.tune.best_params_file).moco.queue_size
-    assert int(run.data.params["moco.queue_size"]) == best_values
+    best_values = load_params(params.tune.best_params_file).method.queue_size
+    assert int(run.data.params["method.queue_size"]) == best_values
     assert "eval_knn_top1" in run.data.metrics
     assert not Path("models/encoder").exists() and not Path("metrics.json").exists()

@@ -5,7 +5,8 @@ import torch
 import torchvision
 from torch import nn
 
-from moco import build_backbone, projection_head
+from moco import projection_head
+from moco.backbones import build_resnet
 
 
 @pytest.mark.parametrize(
@@ -24,20 +25,20 @@ from moco import build_backbone, projection_head
 def test_output_dims(
     name: str, width: int, small_stem: bool, in_channels: int, feat_dim: int
 ) -> None:
-    net, dim = build_backbone(name, width=width, small_stem=small_stem, in_channels=in_channels)
+    net, dim = build_resnet(name, width=width, small_stem=small_stem, in_channels=in_channels)
     assert dim == feat_dim
     assert net(torch.rand(2, in_channels, 32, 32)).shape == (2, feat_dim)
 
 
 def test_resnet50_full_width_dim() -> None:
-    net, dim = build_backbone("resnet50", small_stem=False)
+    net, dim = build_resnet("resnet50", small_stem=False)
     assert dim == 2048
     assert net(torch.rand(2, 3, 32, 32)).shape == (2, 2048)
 
 
 @pytest.mark.parametrize("name", ["resnet18", "resnet50"])
 def test_width_64_standard_stem_is_torchvision_resnet(name: str) -> None:
-    net, _ = build_backbone(name, small_stem=False)
+    net, _ = build_resnet(name, small_stem=False)
     reference = getattr(torchvision.models, name)(weights=None)
     ref_shapes = {k: v.shape for k, v in reference.state_dict().items() if not k.startswith("fc.")}
     assert {k: v.shape for k, v in net.state_dict().items()} == ref_shapes
@@ -45,7 +46,7 @@ def test_width_64_standard_stem_is_torchvision_resnet(name: str) -> None:
 
 
 def test_small_stem_replaces_conv_and_drops_maxpool() -> None:
-    net, _ = build_backbone("resnet18", width=16, small_stem=True, in_channels=1)
+    net, _ = build_resnet("resnet18", width=16, small_stem=True, in_channels=1)
     assert net.conv1.kernel_size == (3, 3) and net.conv1.stride == (1, 1)
     assert net.conv1.in_channels == 1
     assert isinstance(net.maxpool, nn.Identity)
@@ -57,7 +58,7 @@ def test_small_stem_replaces_conv_and_drops_maxpool() -> None:
     [(True, 1, 28), (True, 2, 14), (False, 1, 7)],  # small, small stride 2, ImageNet stem
 )
 def test_stem_sets_layer1_map_size(small_stem: bool, stem_stride: int, layer1_size: int) -> None:
-    net, dim = build_backbone(
+    net, dim = build_resnet(
         "resnet18", width=16, small_stem=small_stem, stem_stride=stem_stride, in_channels=1
     )
     x = torch.rand(2, 1, 28, 28)
@@ -68,8 +69,8 @@ def test_stem_sets_layer1_map_size(small_stem: bool, stem_stride: int, layer1_si
 
 def test_stride_two_stem_keeps_the_small_stems_weights() -> None:
     """Only the stride differs, so the two small stems share state_dict shapes and names."""
-    one, _ = build_backbone("resnet18", width=16, stem_stride=1, in_channels=1)
-    two, _ = build_backbone("resnet18", width=16, stem_stride=2, in_channels=1)
+    one, _ = build_resnet("resnet18", width=16, stem_stride=1, in_channels=1)
+    two, _ = build_resnet("resnet18", width=16, stem_stride=2, in_channels=1)
     assert two.conv1.kernel_size == (3, 3) and two.conv1.stride == (2, 2)
     assert isinstance(two.maxpool, nn.Identity)
     assert {k: v.shape for k, v in one.state_dict().items()} == {
@@ -80,8 +81,8 @@ def test_stride_two_stem_keeps_the_small_stems_weights() -> None:
 def test_normalisation_layer_makes_extractor_take_unit_range_images() -> None:
     torch.manual_seed(0)
     mean, std = [0.2, 0.4, 0.6], [0.5, 0.25, 0.125]
-    with_norm, _ = build_backbone("resnet18", width=8, mean=mean, std=std)
-    plain, _ = build_backbone("resnet18", width=8)
+    with_norm, _ = build_resnet("resnet18", width=8, mean=mean, std=std)
+    plain, _ = build_resnet("resnet18", width=8)
     plain.load_state_dict(with_norm[1].state_dict())
     with_norm.eval(), plain.eval()
     x = torch.rand(2, 3, 16, 16)
@@ -92,13 +93,13 @@ def test_normalisation_layer_makes_extractor_take_unit_range_images() -> None:
 
 def test_bad_arguments_raise() -> None:
     with pytest.raises(ValueError, match="unknown backbone"):
-        build_backbone("vgg11")
+        build_resnet("vgg11")
     with pytest.raises(ValueError):
-        build_backbone("resnet18", mean=[0.5])
+        build_resnet("resnet18", mean=[0.5])
     with pytest.raises(ValueError, match="small stem"):
-        build_backbone("resnet18", small_stem=False, stem_stride=2)
+        build_resnet("resnet18", small_stem=False, stem_stride=2)
     with pytest.raises(ValueError, match="stem_stride"):
-        build_backbone("resnet18", stem_stride=3)
+        build_resnet("resnet18", stem_stride=3)
 
 
 def test_projection_heads() -> None:
@@ -111,7 +112,7 @@ def test_projection_heads() -> None:
 
 
 def test_resnet10_has_one_basic_block_per_stage() -> None:
-    net, _ = build_backbone("resnet10", width=16, in_channels=1)
+    net, _ = build_resnet("resnet10", width=16, in_channels=1)
     assert [len(getattr(net, f"layer{i}")) for i in range(1, 5)] == [1, 1, 1, 1]
     blocks = [n for n in net.state_dict() if n.endswith("conv1.weight") and n.startswith("layer")]
     assert len(blocks) == 4

@@ -12,6 +12,7 @@ from moco import (
     extract_features,
     knn_accuracy,
     knn_predict,
+    knn_top1,
     moco_v1_transform,
     moco_v2_transform,
 )
@@ -69,6 +70,19 @@ def test_knn_predict_matches_demo_formulation() -> None:
     queries = F.normalize(torch.randn(50, 16), dim=1)
     got = knn_predict(queries, bank, labels, 5, k=20, t=0.1, chunk_size=7)
     torch.testing.assert_close(got, _colab_knn_predict(queries, bank.T, labels, 5, 20, 0.1))
+
+
+def test_multi_k_knn_matches_the_demo_formulation_per_k() -> None:
+    """One shared neighbour search for several k (evaluate's kNN) gives each k's own answer."""
+    torch.manual_seed(1)
+    bank = F.normalize(torch.randn(400, 16), dim=1)
+    labels = torch.randint(0, 5, (400,))
+    queries = F.normalize(torch.randn(120, 16), dim=1)
+    truth = torch.randint(0, 5, (120,))
+    got = knn_top1(bank, labels, queries, truth, 5, [50, 7, 1, 1000], 0.1, chunk_size=32)
+    for k, acc in got.items():
+        ref = _colab_knn_predict(queries, bank.T, labels, 5, min(k, 400), 0.1)
+        assert acc == pytest.approx((ref == truth).float().mean().item())
 
 
 def test_knn_is_perfect_on_separable_clusters() -> None:

@@ -4,16 +4,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moco import MoCo, info_nce
+from moco import BackboneSpec, MoCoV2, MoCoV2Config, info_nce
 
 BATCH, SIZE, DIM, QUEUE = 8, 16, 16, 32
+SPEC = BackboneSpec("resnet18", in_channels=3, image_size=SIZE, width=8)
+
+
+def moco_v2(spec: BackboneSpec = SPEC, **settings) -> MoCoV2:
+    return MoCoV2(spec, MoCoV2Config(**settings))
 
 
 @pytest.fixture
-def tiny_moco() -> MoCo:
+def tiny_moco() -> MoCoV2:
     """resnet18 at width 8 on 16 px: a full MoCo step takes milliseconds on 2 CPUs."""
     torch.manual_seed(0)
-    return MoCo.from_backbone("resnet18", width=8, dim=DIM, queue_size=QUEUE, momentum=0.9)
+    return moco_v2(dim=DIM, queue_size=QUEUE, momentum=0.9)
 
 
 @pytest.fixture
@@ -30,7 +35,7 @@ def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
     return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
-def test_key_encoder_gets_no_gradient_and_moves_only_by_ema(tiny_moco: MoCo, views) -> None:
+def test_key_encoder_gets_no_gradient_and_moves_only_by_ema(tiny_moco: MoCoV2, views) -> None:
     model, (x1, x2) = tiny_moco, views
     opt = torch.optim.SGD(model.encoder_q.parameters(), lr=0.5)
     assert all(not p.requires_grad for p in model.encoder_k.parameters())
@@ -51,7 +56,7 @@ def test_key_encoder_gets_no_gradient_and_moves_only_by_ema(tiny_moco: MoCo, vie
         torch.testing.assert_close(k_new, m * k_old + (1 - m) * q)
 
 
-def test_forward_contrasts_against_the_queue_then_enqueues(tiny_moco: MoCo, views) -> None:
+def test_forward_contrasts_against_the_queue_then_enqueues(tiny_moco: MoCoV2, views) -> None:
     model, (x1, x2) = tiny_moco, views
     queue_before = model.queue.keys.clone()
     out = model(x1, x2)
@@ -69,7 +74,7 @@ def test_forward_contrasts_against_the_queue_then_enqueues(tiny_moco: MoCo, view
     torch.testing.assert_close(out.loss, loss, rtol=1e-4, atol=1e-4)
 
 
-def test_keys_are_unshuffled_back_to_input_order(tiny_moco: MoCo, views) -> None:
+def test_keys_are_unshuffled_back_to_input_order(tiny_moco: MoCoV2, views) -> None:
     """In eval mode BN is per-sample, so shuffled keys must equal unshuffled ones row by row."""
     model, (x1, _) = tiny_moco, views
     model.eval()
@@ -79,7 +84,7 @@ def test_keys_are_unshuffled_back_to_input_order(tiny_moco: MoCo, views) -> None
 
 def test_symmetric_loss_and_enqueue(views) -> None:
     torch.manual_seed(0)
-    model = MoCo.from_backbone("resnet18", width=8, dim=DIM, queue_size=QUEUE, symmetric=True)
+    model = moco_v2(dim=DIM, queue_size=QUEUE, symmetric=True)
     x1, x2 = views
     model.eval()  # deterministic keys, so we can recompute the reference
     queue_before = model.queue.keys.clone()
@@ -98,7 +103,7 @@ def test_symmetric_loss_and_enqueue(views) -> None:
 
 def test_bf16_autocast_channels_last_with_split_bn(views) -> None:
     torch.manual_seed(0)
-    model = MoCo.from_backbone("resnet18", width=8, dim=DIM, queue_size=QUEUE, bn_splits=2)
+    model = moco_v2(dim=DIM, queue_size=QUEUE, bn_splits=2)
     model = model.to(memory_format=torch.channels_last)
     x1, x2 = (v.contiguous(memory_format=torch.channels_last) for v in views)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -111,7 +116,7 @@ def test_bf16_autocast_channels_last_with_split_bn(views) -> None:
     torch.testing.assert_close(model.queue.keys[:, :BATCH], out.keys.T)
 
 
-def test_momentum_is_settable_per_step(tiny_moco: MoCo, views) -> None:
+def test_momentum_is_settable_per_step(tiny_moco: MoCoV2, views) -> None:
     tiny_moco.momentum = 1.0
     k_before = _params(tiny_moco.encoder_k)
     with torch.no_grad():
@@ -121,18 +126,18 @@ def test_momentum_is_settable_per_step(tiny_moco: MoCo, views) -> None:
     assert _same(k_before, _params(tiny_moco.encoder_k))
 
 
-def test_state_dict_round_trip_restores_queue(tiny_moco: MoCo, views) -> None:
+def test_state_dict_round_trip_restores_queue(tiny_moco: MoCoV2, views) -> None:
     tiny_moco(*views)
     state = tiny_moco.state_dict()
     assert {"queue.keys", "queue.ptr"} <= set(state)
     torch.manual_seed(5)
-    fresh = MoCo.from_backbone("resnet18", width=8, dim=DIM, queue_size=QUEUE)
+    fresh = moco_v2(dim=DIM, queue_size=QUEUE)
     fresh.load_state_dict(state)
     assert torch.equal(fresh.queue.keys, tiny_moco.queue.keys)
     assert int(fresh.queue.ptr) == BATCH
 
 
-def test_export_encoder_is_a_detached_backbone_copy(tiny_moco: MoCo) -> None:
+def test_export_encoder_is_a_detached_backbone_copy(tiny_moco: MoCoV2) -> None:
     encoder = tiny_moco.export_encoder()
     assert not encoder.training and tiny_moco.training
     assert encoder(torch.rand(2, 3, SIZE, SIZE)).shape == (2, 64)  # width 8 -> 512 * 8 / 64
@@ -145,9 +150,8 @@ def test_export_encoder_is_a_detached_backbone_copy(tiny_moco: MoCo) -> None:
 
 @pytest.mark.parametrize("mlp", [True, False])
 def test_from_backbone_grayscale_with_normalisation(mlp: bool) -> None:
-    model = MoCo.from_backbone(
-        "resnet18", width=8, in_channels=1, mean=[0.5], std=[0.25], dim=8, mlp=mlp, queue_size=16
-    )
+    spec = BackboneSpec("resnet18", 1, SIZE, mean=(0.5,), std=(0.25,), width=8)
+    model = moco_v2(spec, dim=8, mlp=mlp, queue_size=16)
     x = torch.rand(4, 1, SIZE, SIZE)
     out = model(x, x)
     assert out.logits.shape == (4, 17)

@@ -11,7 +11,9 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from moco import (
-    MoCo,
+    BackboneSpec,
+    MoCoV2,
+    MoCoV2Config,
     SplitBatchNorm,
     batch_shuffle_ddp,
     batch_shuffle_single,
@@ -83,7 +85,8 @@ def _free_port() -> int:
 def _ddp_steps(rank: int, symmetric: bool) -> dict[str, object]:
     """STEPS MoCo steps with the query encoder in DDP; returns what must agree across ranks."""
     torch.manual_seed(rank)  # deliberately different init: broadcast_module must fix it
-    model = MoCo.from_backbone("resnet18", width=8, dim=8, queue_size=QUEUE, symmetric=symmetric)
+    spec = BackboneSpec("resnet18", in_channels=3, image_size=16, width=8)
+    model = MoCoV2(spec, MoCoV2Config(dim=8, queue_size=QUEUE, symmetric=symmetric))
     broadcast_module(model)
     model.encoder_q = DistributedDataParallel(model.encoder_q)
     opt = torch.optim.SGD(model.encoder_q.parameters(), lr=0.1, momentum=0.9)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moco import MoCo, TwoCropsTransform
+from moco import BackboneSpec, MoCoV2, MoCoV2Config, TwoCropsTransform
 from moco.augment import eval_transform, moco_v2_transform
 from moco.knn import extract_features, knn_accuracy
 from pipeline.config import load_params
@@ -49,16 +49,8 @@ def knn_top1(backbone: torch.nn.Module, shards: Path) -> float:
 def test_short_moco_run_lowers_loss_and_beats_its_random_init(shards: Path) -> None:
     torch.manual_seed(0)
     torch.set_num_threads(2)
-    model = MoCo.from_backbone(
-        "resnet18",
-        width=16,
-        small_stem=True,
-        in_channels=1,
-        mean=[0.286],
-        std=[0.353],
-        queue_size=1024,
-        bn_splits=2,
-    )
+    spec = BackboneSpec("resnet18", 1, 28, mean=(0.286,), std=(0.353,), width=16, small_stem=True)
+    model = MoCoV2(spec, MoCoV2Config(queue_size=1024, bn_splits=2))
     before = knn_top1(model.encoder_q.backbone, shards)
     optimizer = torch.optim.SGD(
         model.encoder_q.parameters(), lr=0.03, momentum=0.9, weight_decay=5e-4

@@ -1,4 +1,5 @@
-"""A checkpoint restores exactly what it held: encoders, queue and pointer, optimizer, schedule."""
+"""A checkpoint restores exactly what it held: the method (encoders, queue and pointer), its
+extra state, optimizer, schedule."""
 
 from __future__ import annotations
 
@@ -9,13 +10,14 @@ import torch
 from ray.train import Checkpoint
 
 from pipeline.config import load_params
-from pipeline.train_worker import _restore, _save_checkpoint, build_model, lr_multiplier
+from pipeline.method import build_model
+from pipeline.train_worker import EXTRA_FILE, _restore, _save_checkpoint, lr_multiplier
 
 
 def _training_state(seed: int):
     torch.manual_seed(seed)
     params = load_params(
-        None, ["model.width=4", "moco.queue_size=64", "train.batch_size=8", "train.num_workers=1"]
+        None, ["model.width=4", "method.queue_size=64", "train.batch_size=8", "train.num_workers=1"]
     )
     model = build_model(params, world_size=1)
     optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=0.1, momentum=0.9)
@@ -38,9 +40,8 @@ def test_restore_gives_back_the_saved_state(
         loss.backward()
         optimizer.step()
         scheduler.step()
-    _save_checkpoint(
-        tmp_path, model, model.encoder_q, optimizer, scheduler, epoch=4, step=saved_step
-    )
+    _save_checkpoint(tmp_path, model, optimizer, scheduler, epoch=4, step=saved_step)
+    torch.save(model.extra_state(), tmp_path / EXTRA_FILE.format(rank=0))
 
     fresh, fresh_optimizer, fresh_scheduler = _training_state(seed=1)
     position = _restore(

@@ -21,11 +21,11 @@ def runner(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> CliRunner:
 
 @pytest.mark.parametrize("command", ["shard", "pretrain", "tune", "evaluate", "promote"])
 def test_bad_override_is_refused_before_work(runner: CliRunner, command: str) -> None:
-    result = runner.invoke(app, [command, "--set", "moco.temperature=0"])
+    result = runner.invoke(app, [command, "--set", "method.temperature=0"])
     assert result.exit_code == 2
     lines = result.output.strip().splitlines()
     assert len(lines) == 1
-    assert "moco.temperature" in lines[0]
+    assert "method.temperature" in lines[0]
     assert not Path("data").exists() and not Path("mlflow.db").exists()
 
 
@@ -38,7 +38,7 @@ def test_pretrain_without_shards_says_what_to_run(runner: CliRunner) -> None:
 def test_global_batch_larger_than_the_data_is_refused(runner: CliRunner) -> None:
     assert runner.invoke(app, ["shard", "--source", "digits"]).exit_code == 0
     result = runner.invoke(
-        app, ["pretrain", "--set", "train.batch_size=4096", "--set", "moco.queue_size=16384"]
+        app, ["pretrain", "--set", "train.batch_size=4096", "--set", "method.queue_size=16384"]
     )
     assert result.exit_code == 2
     assert "train.batch_size" in result.output
@@ -69,10 +69,10 @@ def test_a_bad_schedule_is_refused_with_one_line(
 
 def test_tune_refuses_a_space_bound_that_makes_an_invalid_trial(runner: CliRunner) -> None:
     result = runner.invoke(
-        app, ["tune", "--set", "tune.space.moco.queue_size={type: choice, values: [16, 4096]}"]
+        app, ["tune", "--set", "tune.space.method.queue_size={type: choice, values: [16, 4096]}"]
     )
     assert result.exit_code == 2
-    assert "tune.space.moco.queue_size: the bound 16 makes an invalid trial" in result.output
+    assert "tune.space.method.queue_size: the bound 16 makes an invalid trial" in result.output
 
 
 def test_resume_without_a_sweep_says_so(runner: CliRunner) -> None:

@@ -10,20 +10,18 @@ from pathlib import Path
 import pytest
 import torch
 
+from moco.backbones import BackboneSpec
 from pipeline import precision as precision_module
 from pipeline.config import ConfigError, load_params
 from pipeline.precision import ModelShape, Resolution, probe_step_seconds, resolve_precision
 
 CPU = torch.device("cpu")
 SHAPE = ModelShape(
-    backbone="resnet18",
-    width=4,
-    small_stem=True,
-    stem_stride=1,
-    in_channels=1,
-    image_size=8,
+    method="mocov2",
+    settings={"queue_size": 16, "bn_splits": 2},
+    backbone=BackboneSpec("resnet18", in_channels=1, image_size=8, width=4),
+    world_size=1,
     batch_size=4,
-    bn_splits=2,
     channels_last=True,
 )
 
@@ -99,7 +97,7 @@ def test_auto_is_cached_per_model_shape(tmp_path: Path, native_bf16: None) -> No
     assert again.precision == first.precision and again.reason == first.reason
     assert timings.calls == [SHAPE]  # the hit did not probe
 
-    wider = replace(SHAPE, width=8)
+    wider = replace(SHAPE, backbone=replace(SHAPE.backbone, width=8))
     slower = Timings(1.0, 3.0)
     assert auto(tmp_path, slower, wider).precision == "fp32"  # another shape: a miss
     assert slower.calls == [wider]
@@ -192,8 +190,9 @@ def test_the_probe_times_both_precisions_of_the_real_model(
 def test_the_worker_shape_follows_the_params() -> None:
     params = load_params(None, ["train.batch_size=64", "model.width=8"])
     one, two = ModelShape.from_params(params, 1), ModelShape.from_params(params, 2)
-    assert (one.batch_size, one.width, one.bn_splits) == (64, 8, params.moco.bn_splits)
-    assert two.bn_splits == 1  # real shuffle BN across ranks: plain BN per worker
+    assert (one.batch_size, one.backbone.width, one.method) == (64, 8, "mocov2")
+    assert one.settings["bn_splits"] == params.method.bn_splits
+    assert (one.world_size, two.world_size) == (1, 2)  # MoCo v2 builds plain BN across ranks
 
 
 def test_config_defaults_to_auto_and_refuses_other_precisions() -> None:

@@ -7,9 +7,16 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.config import Choice, Range, TuneParams
+from pipeline.config import (
+    Choice,
+    ConfigError,
+    Range,
+    TuneParams,
+    load_params,
+    with_overrides,
+)
 from pipeline.plots import plot_parallel_coordinates
-from pipeline.tune import check_fits, search_space
+from pipeline.tune import check_fits, search_space, trial_values
 
 
 def draws(distribution, n: int = 4000) -> np.ndarray:
@@ -70,3 +77,72 @@ def test_a_sweep_the_cluster_cannot_place_is_refused(overrides, cluster, needle)
     with pytest.raises(ValueError, match=needle):
         check_fits(TuneParams(**overrides), cluster)
     check_fits(TuneParams(), {"CPU": 2})  # the default fits this 2-CPU machine
+
+
+# --- a sweep over methods ----------------------------------------------------------------------
+
+SPACE = "tune.space.method."
+METHODS_SPACE = [
+    "tune.space.method.name={type: choice, values: [mocov2, mocov3]}",
+    "tune.space.method.queue_size={type: choice, values: [1024, 4096]}",  # MoCo v2's
+    "tune.space.method.mlp_dim={type: choice, values: [64, 128]}",  # MoCo v3's
+    "tune.space.method.temperature={type: choice, values: [0.1, 0.3]}",  # both have it
+]
+
+
+def test_a_trial_gets_only_the_keys_of_its_method() -> None:
+    base = load_params(None, METHODS_SPACE)
+    sampled = {
+        "method.queue_size": 4096,
+        "method.mlp_dim": 64,
+        "method.temperature": 0.3,
+        "train.lr": 0.05,
+    }
+    v3 = with_overrides(base, {"method.name": "mocov3", **sampled}).method
+    assert (v3.name, v3.mlp_dim, v3.temperature) == ("mocov3", 64, 0.3)
+    assert v3.dim == 256  # not sampled: MoCo v3's own default, not MoCo v2's 128
+    v2 = with_overrides(base, {"method.name": "mocov2", **sampled}).method
+    assert (v2.name, v2.queue_size, v2.temperature, v2.dim) == ("mocov2", 4096, 0.3, 128)
+    # what the trials table and plot show: the method, and None for the other method's keys
+    space = base.tune.space
+    row = trial_values(space, {"method.name": "mocov3", **sampled}, "mocov2")
+    assert row["method.name"] == "mocov3"
+    assert row["method.queue_size"] is None and row["method.mlp_dim"] == 64
+
+
+def test_each_method_key_is_checked_against_the_methods_that_have_it() -> None:
+    # 2 workers x 128 = 256 keys per step: a 16-key queue fails for MoCo v2's trials
+    with pytest.raises(ConfigError, match=r"tune\.space\.method\.queue_size: the bound 16"):
+        load_params(
+            None, [*METHODS_SPACE[:1], "tune.space.method.queue_size={type: choice, values: [16]}"]
+        )
+    with pytest.raises(ConfigError, match=r"tune\.space\.method\.mlp_dim: the bound 1"):
+        load_params(
+            None, [*METHODS_SPACE[:1], "tune.space.method.mlp_dim={type: choice, values: [1]}"]
+        )
+    with pytest.raises(ConfigError, match="names no setting of any method"):
+        load_params(None, ["tune.space.method.nope={type: choice, values: [1]}"])
+    with pytest.raises(ConfigError, match=r"method\.name"):
+        load_params(None, ["tune.space.method.name={type: choice, values: [mocov2, simclr]}"])
+
+
+def test_a_sweep_of_one_method_keeps_working_when_the_base_is_the_other() -> None:
+    """params.yaml's space holds MoCo v2 keys; `--set method.name=mocov3` must still load, and
+    its trials ignore them."""
+    params = load_params(None, ["method.name=mocov3"])
+    assert "method.queue_size" in params.tune.space
+    trial = with_overrides(params, {"method.queue_size": 4096, "method.temperature": 0.3})
+    assert trial.method.name == "mocov3" and trial.method.temperature == 0.3
+
+
+def test_parallel_coordinates_leaves_a_gap_for_another_methods_key() -> None:
+    trials = [
+        {"method.name": "mocov2", "method.queue_size": 1024, "knn_top1": 0.7},
+        {"method.name": "mocov3", "method.queue_size": None, "knn_top1": 0.6},
+        {"method.name": "mocov2", "method.queue_size": 4096, "knn_top1": 0.65},
+    ]
+    fig = plot_parallel_coordinates(trials, ["method.name", "method.queue_size"], "knn_top1", [])
+    lines = [line for line in fig.axes[0].lines if line.get_marker() == "o"]
+    ys = [list(line.get_ydata()) for line in lines]
+    assert [y[0] for y in ys] == [0.0, 1.0, 0.0]  # the method axis: mocov2 bottom, mocov3 top
+    assert math.isnan(ys[1][1]) and ys[0][1] == 0.0 and ys[2][1] == 1.0

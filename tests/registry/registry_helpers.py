@@ -14,19 +14,14 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
+from moco.backbones import BackboneSpec
 from pipeline.config import Params
 from pipeline.encoder import EncoderSpec, save_encoder
 from pipeline.tracking import log_encoder, setup_mlflow
 
 # 8x8 grayscale like scikit-learn's digits; width 4 keeps every forward pass trivial.
 SPEC = EncoderSpec(
-    backbone="resnet18",
-    width=4,
-    small_stem=True,
-    in_channels=1,
-    image_size=8,
-    mean=(0.3,),
-    std=(0.3,),
+    "mocov2", BackboneSpec("resnet18", 1, 8, mean=(0.3,), std=(0.3,), width=4, small_stem=True)
 )
 FEATURES = SPEC.build()[1]
 # A first candidate's evaluation: above random init (0.70), the gate's bar with no production.

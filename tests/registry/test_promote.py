@@ -10,7 +10,7 @@ from pathlib import Path
 import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
-from registry_helpers import FIRST, Store
+from registry_helpers import FIRST, SPEC, Store
 
 from pipeline.config import Params
 from pipeline.errors import StageError
@@ -73,6 +73,7 @@ def test_better_is_promoted_worse_is_not_and_rollback_restores(
     assert alias(params, "previous") == first.version
     assert "recorded metrics reused" in better.reason  # same data, same protocol: no re-scoring
     on_version = tags(params, better.version)
+    assert on_version["method"] == SPEC.method  # read from the registered encoder's encoder.json
     assert on_version["knn_top1"] == "0.85" and on_version["data_version"] == DATA["data_version"]
     assert on_version["replaced_version"] == first.version
     assert len(on_version["config_hash"]) == 12 and on_version["git_commit"]

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
-_ARCHS: dict[str, tuple[type[BasicBlock | Bottleneck], list[int]]] = {
+RESNET_ARCHS: dict[str, tuple[type[BasicBlock | Bottleneck], list[int]]] = {
     "resnet10": (BasicBlock, [1, 1, 1, 1]),  # half resnet18's cost: more epochs per CPU-minute
     "resnet18": (BasicBlock, [2, 2, 2, 2]),
     "resnet34": (BasicBlock, [3, 4, 6, 3]),
@@ -82,7 +82,7 @@ class WidthResNet(ResNet):
         return super()._make_layer(block, planes * self.width // 64, blocks, stride, dilate)
 
 
-def build_backbone(
+def build_resnet(
     name: str = "resnet18",
     *,
     width: int = 64,
@@ -100,9 +100,9 @@ def build_backbone(
     SplitBatchNorm partial for shuffle BN).
     With mean/std the extractor normalises its own input, so it takes float images in [0, 1].
     """
-    if name not in _ARCHS:
-        raise ValueError(f"unknown backbone {name!r}; choose from {sorted(_ARCHS)}")
-    block, layers = _ARCHS[name]
+    if name not in RESNET_ARCHS:
+        raise ValueError(f"unknown backbone {name!r}; choose from {sorted(RESNET_ARCHS)}")
+    block, layers = RESNET_ARCHS[name]
     net = WidthResNet(
         block,
         layers,
