@@ -129,6 +129,8 @@ def main() -> None:
     device = torch.device("cuda")
     props = torch.cuda.get_device_properties(device)
     a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    for _ in range(3):  # warm-up: cuBLAS handles and clocks
+        a @ a
     torch.cuda.synchronize(device)
     start = time.perf_counter()
     for _ in range(10):
