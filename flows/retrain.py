@@ -2,8 +2,10 @@
 
 Scheduled retraining runs this: only new images are sharded (and an unchanged source skips
 sharding altogether), the encoder is warm-started from `@production` when `train.init_from`
-says so, and the gate decides whether it serves. A failed run leaves `@production` and
-dvc.lock as they were (the DVC remote may hold extra, unreferenced blobs).
+says so, and the gate decides whether it serves. A run whose data, benchmark, settings and code
+are those of production (or of the last candidate) ends before training: nothing new to learn
+(pipeline/freshness.py). A failed run leaves `@production` and dvc.lock as they were (the DVC
+remote may hold extra, unreferenced blobs).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from prefect.artifacts import create_markdown_artifact
 from flows.lock import project_lock, restored_on_failure
 from flows.tasks import (
     benchmark_task,
+    freshness_task,
     pretrain_and_evaluate,
     promote_task,
     push_task,
@@ -47,11 +50,21 @@ def _shard(params: Params) -> tuple[ShardSummary, bool]:
     return shard_task.with_options(refresh_cache=True)(params), False
 
 
+def _report(summary: str) -> str:
+    create_markdown_artifact(key="retrain-summary", markdown=summary, description="retrain")
+    print(summary)
+    return summary
+
+
 @flow(name="retrain", log_prints=True)
-def retrain(params_file: str = "params.yaml", overrides: list[str] | None = None) -> str:
+def retrain(
+    params_file: str = "params.yaml", overrides: list[str] | None = None, force: bool = False
+) -> str:
     """Retrain the encoder on the current data and promote it if it beats production.
 
-    `overrides` are `key=value` settings, as `mocopipe --set` takes them."""
+    `overrides` are `key=value` settings, as `mocopipe --set` takes them. When the data,
+    benchmark, settings and code are those production (or the last candidate) was made from,
+    the run ends before training, unless `force` or `registry.retrain_unchanged`."""
     params = load_params(params_file, overrides)
     check_endpoints(params, ray=True)  # a dead server is refused now, not after the sharding
     with project_lock(), restored_on_failure(Path("dvc.lock")):
@@ -61,6 +74,10 @@ def retrain(params_file: str = "params.yaml", overrides: list[str] | None = None
         if benchmarked is not None:
             print(benchmarked.render())
         require_evaluable(params)  # a refusal now, not a traceback after minutes of training
+        if not (force or params.registry.retrain_unchanged):
+            unchanged = freshness_task(params)
+            if unchanged is not None:
+                return _report(unchanged.summary())
         params, init = warm_start_or_scratch(params)
         print(init)
         run_name = f"retrain-{datetime.now(UTC):%Y%m%d-%H%M}-{data_version(params.data.shards_dir)}"
@@ -71,7 +88,4 @@ def retrain(params_file: str = "params.yaml", overrides: list[str] | None = None
         push_task()
         decision = promote_task(params, trained.model_uri, report.metrics, report.versions)
         version_task("promote")
-    summary = retrain_summary(sharded, trained, report, decision, cached=cached, init=init)
-    create_markdown_artifact(key="retrain-summary", markdown=summary, description="retrain")
-    print(summary)
-    return summary
+    return _report(retrain_summary(sharded, trained, report, decision, cached=cached, init=init))

@@ -13,7 +13,16 @@ from typing import Any
 
 from prefect import task
 
-from pipeline import benchmark, evaluate, pretrain, promote, shard, tune, versioning
+from pipeline import (
+    benchmark,
+    evaluate,
+    freshness,
+    pretrain,
+    promote,
+    shard,
+    tune,
+    versioning,
+)
 from pipeline.config import Params
 
 
@@ -30,6 +39,7 @@ shard_task = task(
     cache_expiration=timedelta(days=90),
     persist_result=True,  # the cached summary outlives the run (stack notes: Prefect caching)
 )
+freshness_task = task(freshness.nothing_new, name="anything-new", retries=1, retry_delay_seconds=10)
 benchmark_task = task(benchmark.benchmark, name="benchmark", retries=1, retry_delay_seconds=10)
 version_task = task(versioning.record_stages, name="dvc-commit", retries=2, retry_delay_seconds=5)
 push_task = task(versioning.push, name="dvc-push", retries=3, retry_delay_seconds=[10, 30, 90])
