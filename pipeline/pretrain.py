@@ -29,7 +29,7 @@ from pipeline.config import Params, with_overrides
 from pipeline.dataset import data_version, read_manifest, shard_urls, steps_per_epoch
 from pipeline.encoder import RUN_FILE, SPEC_FILE, WEIGHTS_FILE
 from pipeline.errors import StageError
-from pipeline.plots import plot_training_curves
+from pipeline.plots import CURVE_FILE, plot_training_curves, write_training_curve
 from pipeline.preflight import check_endpoints
 from pipeline.ray_cluster import check_resources, ensure_ray
 from pipeline.registry import TRAIN_SAMPLES_TAG
@@ -228,6 +228,7 @@ def pretrain(
             json.dumps({"run_id": run_id, "model_uri": model_uri, "data_version": version})
         )
         final_metrics = MlflowClient().get_run(run_id).data.metrics
+        write_training_curve(run_id, encoder_dir / CURVE_FILE)
         mlflow.log_figure(plot_training_curves(run_id), "training_curves.png")
     except BaseException as error:
         end_run_failed(error)
