@@ -206,6 +206,29 @@ def embed(
 
 @app.command()
 @_clean_errors
+def history(
+    params: ParamsOpt = Path("params.yaml"),
+    overrides: SetOpt = None,
+    last: Annotated[int, typer.Option(help="How many of the newest versions.", min=1)] = 30,
+    out: Annotated[Path, typer.Option(help="Folder for history.md and history.png.")] = Path(
+        "runs/history"
+    ),
+) -> None:
+    """Per model version: date, data, gated metric, guards, references, drift, decision."""
+    config = _checked(_params(params, overrides))
+    from rich.console import Console
+
+    from pipeline.history import history as read_history
+    from pipeline.history import rich_table, write
+
+    found = read_history(config, last)
+    Console().print(rich_table(found))
+    table, image = write(found, out)
+    typer.echo(f"history: {table}, plot {image}")
+
+
+@app.command()
+@_clean_errors
 def schedule(
     cron: Annotated[str, typer.Option(help='When to run, e.g. "0 3 * * *" (03:00 daily).')],
     flow: Annotated[str, typer.Option(help="retrain or sweep.")] = "retrain",
