@@ -20,6 +20,7 @@ from flows.lock import project_lock, restored_on_failure
 from flows.tasks import (
     benchmark_task,
     freshness_task,
+    history_task,
     pretrain_and_evaluate,
     promote_task,
     push_task,
@@ -29,10 +30,13 @@ from flows.tasks import (
 from pipeline.config import Params, load_params
 from pipeline.dataset import data_version
 from pipeline.evaluation.data import require_evaluable
+from pipeline.history import markdown
 from pipeline.preflight import check_endpoints
 from pipeline.pretrain import warm_start_or_scratch
 from pipeline.shard import ShardSummary
 from pipeline.summary import retrain_summary
+
+HISTORY_DIR = Path("runs/history")  # history.md and history.png, also on the run's artifacts
 
 
 def _shard(params: Params) -> tuple[ShardSummary, bool]:
@@ -88,4 +92,17 @@ def retrain(
         push_task()
         decision = promote_task(params, trained.model_uri, report.metrics, report.versions)
         version_task("promote")
+    _history(params, trained.run_id)
     return _report(retrain_summary(sharded, trained, report, decision, cached=cached, init=init))
+
+
+def _history(params: Params, run_id: str) -> None:
+    """The registry's history as the `retrain-history` artifact and on the run; a report, so a
+    failure to write it is said, not a failed retrain (the promotion has happened)."""
+    state = history_task(params, run_id, HISTORY_DIR, return_state=True)
+    if not state.is_completed():
+        print(f"history: not recorded ({state.message})")
+        return
+    create_markdown_artifact(
+        key="retrain-history", markdown=markdown(state.result()), description="history"
+    )

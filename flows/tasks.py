@@ -17,6 +17,7 @@ from pipeline import (
     benchmark,
     evaluate,
     freshness,
+    history,
     pretrain,
     promote,
     shard,
@@ -50,6 +51,7 @@ evaluate_task = task(
 # No retries: a promotion that failed after moving an alias must not register a second version
 # and judge it against itself. Re-scoring production can take as long as an evaluation.
 promote_task = task(promote.promote, name="promote", timeout_seconds=3600)
+history_task = task(history.record, name="history", retries=1, retry_delay_seconds=10)
 tune_task = task(tune.sweep, name="tune", timeout_seconds=48 * 3600)
 
 
