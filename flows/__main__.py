@@ -32,14 +32,14 @@ def main() -> None:
         help="retrain even when nothing changed since production (retrain only)",
     )
     args = parser.parse_args()
+    if args.force and args.flow != "retrain":
+        sys.exit("error: --force applies to retrain only (a sweep always trains)")
     try:
         params = load_params(args.params, args.overrides)
         check_endpoints(params, ray=True)  # MLflow, S3, RAY_ADDRESS: refused in seconds
         require_evaluable(params, sharded=False)
     except (ConfigError, NoEvaluationData, StageError) as error:
         sys.exit(f"error: {error}")
-    if args.force and args.flow != "retrain":
-        sys.exit("error: --force applies to retrain only (a sweep always trains)")
     run = retrain if args.flow == "retrain" else sweep
     extra = {"force": True} if args.force else {}
     try:
