@@ -25,7 +25,7 @@ from rich.table import Table
 
 from pipeline.config import Params
 from pipeline.evaluation import keys
-from pipeline.registry import PRODUCTION, TRAIN_SAMPLES_TAG
+from pipeline.registry import PREVIOUS, PRODUCTION, TRAIN_SAMPLES_TAG
 from pipeline.tracking import EVAL_PREFIX, setup_mlflow
 
 SERVED = ("promoted", "restored", "rolled back")  # decisions of a version that once served
@@ -48,7 +48,9 @@ class Row:
 
     @property
     def served(self) -> bool:
-        return self.decision in SERVED
+        """Promoted by the gate, or holding production now or as the one before it (an alias
+        set by hand counts too)."""
+        return self.decision in SERVED or bool({PRODUCTION, PREVIOUS} & set(self.aliases))
 
 
 @dataclass(frozen=True)
@@ -195,6 +197,9 @@ def plot(h: History) -> Figure:
         label = "served as production" if served else "not promoted"
         top.scatter([r.registered for r in chosen], [r.metric for r in chosen], marker=marker,
                     color="tab:blue", s=50, zorder=3, label=label)  # fmt: skip
+    for r in (r for r in h.rows if r.metric is not None):
+        top.annotate(f"v{r.version}", (r.registered, r.metric), fontsize=7,
+                     textcoords="offset points", xytext=(0, 6), ha="center")  # fmt: skip
     top.set_ylabel(h.metric)
     top.set_title(f"{h.model_name}: {h.metric} per version (filled: served as production)")
     top.legend(fontsize=8)
