@@ -49,7 +49,9 @@ class Unchanged:
 
 
 def _latest(client: MlflowClient, name: str) -> ModelVersion | None:
-    found = client.search_model_versions(f"name='{name}'", order_by=["version_number DESC"])
+    found = client.search_model_versions(
+        f"name='{name}'", max_results=1, order_by=["version_number DESC"]
+    )
     return found[0] if found else None
 
 

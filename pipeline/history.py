@@ -103,13 +103,15 @@ def history(params: Params, last: int = 30) -> History:
     setup_mlflow(params)
     client, name = MlflowClient(), params.registry.model_name
     metric, guards = params.registry.primary_metric, tuple(params.registry.guards)
-    found = client.search_model_versions(f"name='{name}'", order_by=["version_number DESC"])
+    found = client.search_model_versions(
+        f"name='{name}'", max_results=last, order_by=["version_number DESC"]
+    )
     if not found:
         return History(name, metric, guards)
     aliases: dict[str, list[str]] = {}
     for alias, version in client.get_registered_model(name).aliases.items():
         aliases.setdefault(str(version), []).append(alias)
-    rows = [_row(client, v, metric, guards, aliases) for v in found[:last]]
+    rows = [_row(client, v, metric, guards, aliases) for v in found]
     return History(name, metric, guards, sorted(rows, key=lambda r: r.version))
 
 
