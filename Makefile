@@ -52,4 +52,4 @@ lock:
 	$(BIN)/python -m pip freeze --exclude-editable | grep -v '^moco-pipeline' > requirements.lock
 
 clean:
-	rm -rf data/shards runs mlruns mlartifacts mlflow.db mlflow.db.registry.lock metrics.json promotion.json models
+	rm -rf data/shards runs mlruns mlartifacts mlflow.db mlflow.db.registry.lock metrics.json metrics-*.json promotion.json models

@@ -1,5 +1,5 @@
-"""`python -m flows {retrain,sweep} [--params FILE] [--set key=value ...]`: run a flow once,
-here (`make run` runs retrain). The settings are checked before the flow starts."""
+"""`python -m flows {retrain,sweep} [--params FILE] [--set key=value ...] [--force]`: run a flow
+once, here (`make run` runs retrain). The settings are checked before the flow starts."""
 
 from __future__ import annotations
 
@@ -27,7 +27,14 @@ def main() -> None:
         metavar="KEY=VALUE",
         help="override a setting, as mocopipe takes it (repeatable)",
     )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="retrain even when nothing changed since production (retrain only)",
+    )
     args = parser.parse_args()
+    if args.force and args.flow != "retrain":
+        sys.exit("error: --force applies to retrain only (a sweep always trains)")
     try:
         params = load_params(args.params, args.overrides)
         check_endpoints(params, ray=True)  # MLflow, S3, RAY_ADDRESS: refused in seconds
@@ -36,10 +43,11 @@ def main() -> None:
             print(line)
     except (ConfigError, NoEvaluationData, StageError, ValueError) as error:
         sys.exit(f"error: {error}")
-    run = {"retrain": retrain, "sweep": sweep}[args.flow]
+    run = retrain if args.flow == "retrain" else sweep
+    extra = {"force": True} if args.force else {}
     try:
         with heartbeats(params):  # a run whose process dies turns Crashed (zombie automation)
-            run(params_file=args.params, overrides=args.overrides)
+            run(params_file=args.params, overrides=args.overrides, **extra)
     except (NoEvaluationData, StageError) as error:  # a refusal, already one line
         sys.exit(f"error: {error}")
 

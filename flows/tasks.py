@@ -14,7 +14,18 @@ from typing import Any
 from prefect import task
 from prefect.logging import get_run_logger
 
-from pipeline import benchmark, evaluate, gc, pretrain, promote, shard, tune, versioning
+from pipeline import (
+    benchmark,
+    evaluate,
+    freshness,
+    gc,
+    history,
+    pretrain,
+    promote,
+    shard,
+    tune,
+    versioning,
+)
 from pipeline.config import Params
 
 
@@ -31,6 +42,7 @@ shard_task = task(
     cache_expiration=timedelta(days=90),
     persist_result=True,  # the cached summary outlives the run (stack notes: Prefect caching)
 )
+freshness_task = task(freshness.nothing_new, name="anything-new", retries=1, retry_delay_seconds=10)
 benchmark_task = task(benchmark.benchmark, name="benchmark", retries=1, retry_delay_seconds=10)
 version_task = task(versioning.record_stages, name="dvc-commit", retries=2, retry_delay_seconds=5)
 push_task = task(versioning.push, name="dvc-push", retries=3, retry_delay_seconds=[10, 30, 90])
@@ -41,6 +53,7 @@ evaluate_task = task(
 # No retries: a promotion that failed after moving an alias must not register a second version
 # and judge it against itself. Re-scoring production can take as long as an evaluation.
 promote_task = task(promote.promote, name="promote", timeout_seconds=3600)
+history_task = task(history.record, name="history", retries=1, retry_delay_seconds=10)
 tune_task = task(tune.sweep, name="tune", timeout_seconds=48 * 3600)
 
 

@@ -139,9 +139,9 @@ def promote(
     ] = "models/encoder",
     params: ParamsOpt = Path("params.yaml"),
     overrides: SetOpt = None,
-    metrics: Annotated[Path, typer.Option(help="Its evaluation (metrics.json).")] = Path(
-        "metrics.json"
-    ),
+    metrics: Annotated[
+        Path, typer.Option(help="Its evaluation, the full table (metrics-full.json).")
+    ] = Path("metrics-full.json"),
 ) -> None:
     """Register the candidate; move @production only if it passes the gate."""
     config = _checked(_params(params, overrides))
@@ -152,6 +152,11 @@ def promote(
     if not metrics.exists():
         raise FileNotFoundError(f"{metrics}: no evaluation found; run `mocopipe evaluate` first")
     values = json.loads(metrics.read_text())
+    if "eval_version" not in values:
+        raise ValueError(
+            f"--metrics {metrics}: a headline file (no data versions); pass the full table, "
+            "metrics-full.json"
+        )
     versions = {key: str(values.pop(key, "")) for key in VERSION_KEYS}
     for key in [k for k, v in values.items() if not isinstance(v, int | float)]:
         values.pop(key)  # other versions (heldout_version): not metrics
@@ -219,6 +224,29 @@ def gc(
     from pipeline.gc import collect
 
     typer.echo(collect(config, dry_run=dry_run).render())
+
+
+@app.command()
+@_clean_errors
+def history(
+    params: ParamsOpt = Path("params.yaml"),
+    overrides: SetOpt = None,
+    last: Annotated[int, typer.Option(help="How many of the newest versions.", min=1)] = 30,
+    out: Annotated[Path, typer.Option(help="Folder for history.md and history.png.")] = Path(
+        "runs/history"
+    ),
+) -> None:
+    """Per model version: date, data, gated metric, guards, references, drift, decision."""
+    config = _checked(_params(params, overrides))
+    from rich.console import Console
+
+    from pipeline.history import history as read_history
+    from pipeline.history import rich_table, write
+
+    found = read_history(config, last)
+    Console().print(rich_table(found))
+    table, image = write(found, out)
+    typer.echo(f"history: {table}, plot {image}")
 
 
 @app.command()

@@ -265,6 +265,9 @@ class RegistryParams(_Section):
     # metric -> largest drop vs production that still passes, e.g. {linear_top1: 0.01}
     guards: dict[str, Annotated[float, Field(ge=0.0)]] = {}
     lock_timeout_s: float = Field(300.0, gt=0.0)  # wait for a concurrent promotion/rollback
+    # false: a retrain whose data, benchmark, settings and code equal production's (or the last
+    # candidate's) ends without training (pipeline/freshness.py); true: it always trains
+    retrain_unchanged: bool = False
 
 
 class AlertsParams(_Section):

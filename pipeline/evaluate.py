@@ -12,7 +12,6 @@ network and cached by model and data version (pipeline/evaluation/features.py).
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -27,6 +26,7 @@ from torch import Tensor, nn
 from torchvision.transforms.v2 import functional as TF
 
 from moco.knn import knn_top1
+from pipeline import metrics_files
 from pipeline.benchmark import benchmark, shard_reference
 from pipeline.config import Params
 from pipeline.dataset import data_version
@@ -513,9 +513,8 @@ def _versus_production(
 
 
 def _record(params: Params, model: str, report: EvalReport) -> None:
-    """metrics.json for DVC, and the same numbers and the plots on the model's MLflow run."""
-    payload = {**report.versions, **report.metrics}
-    Path(params.eval.metrics_file).write_text(json.dumps(payload, indent=2) + "\n")
+    """The metrics files for DVC, and the same numbers and the plots on the model's MLflow run."""
+    metrics_files.write(params, report.versions, report.metrics)
     if _is_uri(model):
         setup_mlflow(params)
     run_id = run_id_of(model)

@@ -5,9 +5,14 @@ from __future__ import annotations
 import matplotlib
 
 matplotlib.use("Agg")  # headless: stages run on servers and in Ray workers
+import csv
+from pathlib import Path
+
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 from mlflow.tracking import MlflowClient
+
+CURVE_FILE = "training_curve.csv"  # beside the exported encoder; dvc.yaml's `plots:` reads it
 
 
 def plot_training_curves(run_id: str, metrics: tuple[str, ...] = ("loss", "knn_top1")) -> Figure:
@@ -22,6 +27,25 @@ def plot_training_curves(run_id: str, metrics: tuple[str, ...] = ("loss", "knn_t
         ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
+
+
+def write_training_curve(
+    run_id: str, path: Path, metrics: tuple[str, ...] = ("loss", "knn_top1")
+) -> Path:
+    """The per-epoch metrics of the run as a CSV (epoch, then one column per metric it
+    logged), the series `dvc plots show` draws."""
+    client = MlflowClient()
+    by_epoch: dict[int, dict[str, float]] = {}
+    histories = {name: client.get_metric_history(run_id, name) for name in metrics}
+    found = [name for name, history in histories.items() if history]
+    for name in found:
+        for m in histories[name]:
+            by_epoch.setdefault(m.step + 1, {})[name] = m.value
+    with path.open("w", newline="") as sink:
+        writer = csv.DictWriter(sink, fieldnames=["epoch", *found])
+        writer.writeheader()
+        writer.writerows({"epoch": epoch, **row} for epoch, row in sorted(by_epoch.items()))
+    return path
 
 
 def plot_parallel_coordinates(

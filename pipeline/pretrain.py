@@ -36,7 +36,7 @@ from pipeline.encoder import (
     read_spec,
 )
 from pipeline.errors import StageError
-from pipeline.plots import plot_training_curves
+from pipeline.plots import CURVE_FILE, plot_training_curves, write_training_curve
 from pipeline.preflight import check_endpoints
 from pipeline.ray_cluster import check_resources, ensure_ray
 from pipeline.registry import TRAIN_SAMPLES_TAG
@@ -239,6 +239,7 @@ def pretrain(
             json.dumps({"run_id": run_id, "model_uri": model_uri, "data_version": version})
         )
         final_metrics = MlflowClient().get_run(run_id).data.metrics
+        write_training_curve(run_id, encoder_dir / CURVE_FILE)
         mlflow.log_figure(plot_training_curves(run_id), "training_curves.png")
     except BaseException as error:
         end_run_failed(error)

@@ -12,7 +12,6 @@ judged on. Alias moves are serialised by `pipeline.registry`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -29,6 +28,7 @@ from pipeline.errors import StageError
 from pipeline.evaluate import score
 from pipeline.evaluation import keys
 from pipeline.evaluation.data import versions as current_versions
+from pipeline.fingerprint import Fingerprint, config_hash, eval_protocol
 from pipeline.registry import (
     CHALLENGER,
     PREVIOUS,
@@ -44,21 +44,7 @@ from pipeline.tracking import EVAL_PREFIX, git_commit, log_eval_metrics, setup_m
 DECISION_FILE = "promotion.json"
 REPLACED_TAG = "replaced_version"  # on a promoted version: the production it replaced
 VERSION_KEYS = ("data_version", "benchmark_version", "eval_version")  # also in metrics.json
-EPSILON = 1e-9  # float slack so "improves by exactly min_gain" passes
-NOT_SCORING = {  # eval keys that never change a metric's value
-    "batch_size",
-    "monitor_bank",
-    "monitor_queries",
-    "metrics_file",
-    "plots_dir",
-    "features_dir",
-    "transfer_shards_dir",
-    "tsne_points",
-    "benchmark_dir",
-    "agreement_k",
-    "drift_samples",
-    "drift_permutations",
-}
+EPSILON = 1e-9  # float slack: a gain of exactly min_gain (a tie at 0) never promotes
 
 
 @dataclass
@@ -93,26 +79,6 @@ class Baseline:
     version: str
     metrics: dict[str, float]
     source: str
-
-
-# --- hashes that say whether two evaluations are comparable -----------------------------------
-
-
-def _short_hash(payload: object) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def config_hash(params: Params) -> str:
-    """A stable hash of the whole config: equal hashes, equal settings."""
-    return _short_hash(params.model_dump())
-
-
-def eval_protocol(params: Params) -> str:
-    """A hash of the evaluation settings that can change a score. Everything in `eval` counts
-    except the keys listed as presentation or caching, so a new knob errs on the safe side:
-    production is re-scored rather than compared on numbers from another protocol."""
-    settings = params.eval.model_dump(exclude=NOT_SCORING)
-    return _short_hash({**settings, "precision": params.train.precision})
 
 
 # --- the gate ---------------------------------------------------------------------------------
@@ -213,12 +179,13 @@ def _judge(
         return False, None, f"production v{baseline.version} has no {key} to compare with"
     failures = _guard_failures(params.registry.guards, metrics, baseline.metrics)
     better = "lower" if keys.lower_is_better(key) else "higher"
-    if _gain(key, candidate, reference) + EPSILON < gain:
+    if _gain(key, candidate, reference) <= gain + EPSILON:  # a tie is not a gain
         failures.insert(
-            0, f"{key} {candidate:.4f} vs {reference:.4f}: not {better} by min_gain {gain}"
+            0,
+            f"{key} {candidate:.4f} vs {reference:.4f}: not {better} by more than min_gain {gain}",
         )
     verdict = "; ".join(failures) or (
-        f"{key} {candidate:.4f} vs {reference:.4f}: {better} by at least min_gain {gain}"
+        f"{key} {candidate:.4f} vs {reference:.4f}: {better} by more than min_gain {gain}"
         + (", guards held" if params.registry.guards else "")
     )
     return (
@@ -245,9 +212,12 @@ def _candidate_tags(
     """The few tags a reader filters versions on: the gated metrics and what they were measured
     on. Every metric is on the model's run; the decision's reason is the version's description."""
     tags = {key: repr(float(metrics[key])) for key in _needed(params) if key in metrics}
-    tags |= {
+    inputs = {
         "data_version": decision.data_version,
         "benchmark_version": decision.benchmark_version,
+    }
+    tags |= Fingerprint.of(params, inputs).as_tags()  # what freshness compares next time
+    tags |= {
         "eval_version": decision.eval_version,
         "git_commit": git_commit(),
         "config_hash": decision.config_hash,

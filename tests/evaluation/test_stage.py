@@ -85,11 +85,17 @@ def test_report_keys(runs: Runs, digits_shards: Path) -> None:
 
 
 def test_outputs_written(runs: Runs) -> None:
-    payload = json.loads((runs.root / "metrics.json").read_text())
+    payload = json.loads((runs.root / "metrics-full.json").read_text())
     assert payload.pop("data_version") == runs.first.data_version
     for key in ("benchmark_version", "heldout_version", "eval_version"):
         assert payload.pop(key) == runs.first.versions[key]
     assert payload == runs.first.metrics
+    # the headline DVC shows: the same few keys per subject, one file (a table row) each
+    m, headline = runs.first.metrics, ["knn_top1", "linear_top1", "rankme"]
+    assert json.loads((runs.root / "metrics.json").read_text()) == {k: m[k] for k in headline}
+    for reference in ("pixels", "random"):
+        rows = json.loads((runs.root / f"metrics-{reference}.json").read_text())
+        assert rows == {k: m[f"{reference}_{k}"] for k in headline}
     names = {p.name for p in (runs.root / "plots").glob("*.png")}
     assert names == {
         "tsne.png",

@@ -53,8 +53,15 @@ def test_retrain_flow_records_every_stage_skips_unchanged_data_and_shards_only_n
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [0]
     assert len(client.get_metric_history(run.info.run_id, "knn_top1")) == 1
 
-    # evaluate: metrics.json with the references, the same numbers on the run
-    metrics = json.loads((project / "metrics.json").read_text())
+    # the training curve for `dvc plots`: one row per epoch, as logged on the run
+    curve = (project / "models/encoder/training_curve.csv").read_text().splitlines()
+    assert curve[0] == "epoch,loss,knn_top1" and len(curve) == 2
+    (loss,) = client.get_metric_history(run.info.run_id, "loss")
+    assert float(curve[1].split(",")[1]) == loss.value
+
+    # evaluate: metrics-full.json with the references, the same numbers on the run; the
+    # headline files make a table that fits a terminal
+    metrics = json.loads((project / "metrics-full.json").read_text())
     for key in ("knn_top1", "pixels_knn_top1", "random_knn_top1"):
         assert 0.0 <= metrics[key] <= 1.0
     assert client.get_run(run.info.run_id).data.metrics["eval_knn_top1"] == metrics["knn_top1"]
@@ -75,12 +82,29 @@ def test_retrain_flow_records_every_stage_skips_unchanged_data_and_shards_only_n
     assert dvc_status() == {}
     lock = (project / "dvc.lock").read_text()
     assert "models/encoder" in lock and "data/shards" in lock
+    shown = subprocess.run([DVC, "metrics", "show"], capture_output=True, text=True, check=True)
+    table = shown.stdout.splitlines()
+    rows = {line.split()[0] for line in table[1:]}
+    assert rows == {"metrics.json", "metrics-pixels.json", "metrics-random.json"}
+    assert max(map(len, table)) <= 100, shown.stdout
 
-    # a second run on unchanged data skips sharding (Prefect cache on the shard inputs) and
-    # is gated against production (the tiny first model may not have passed on its own)
+    # a second run on unchanged data (data, benchmark, settings and code as production's)
+    # ends before training: no MLflow run, no model version
     client.set_registered_model_alias("moco-encoder", PRODUCTION, decision["version"])
+    runs_before = len(client.search_runs([run.info.experiment_id]))
     state = retrain(params_file="params.yaml", return_state=True)
     assert state.is_completed(), state.message
+    skipped = Artifact.get("retrain-summary").data
+    assert f"nothing new since production v{decision['version']} of moco-encoder" in skipped
+    assert f"data {run_info['data_version']}" in skipped
+    assert len(client.search_model_versions("name='moco-encoder'")) == 1
+    assert len(client.search_runs([run.info.experiment_id])) == runs_before
+
+    # --force trains again, skips sharding (Prefect cache on the shard inputs) and is gated
+    # against production (the tiny first model may not have passed on its own)
+    state = retrain(params_file="params.yaml", force=True, return_state=True)
+    assert state.is_completed(), state.message
+    assert len(client.search_model_versions("name='moco-encoder'")) == 2
     second = Artifact.get("retrain-summary").data
     assert "sharding skipped: inputs unchanged" in second
     assert f"production v{decision['version']}" in second  # compared against production
@@ -102,6 +126,16 @@ def test_retrain_flow_records_every_stage_skips_unchanged_data_and_shards_only_n
     assert "train +64 new" in Artifact.get("retrain-summary").data
     assert (project / "dvc.lock").read_text() != lock_before
     assert dvc_status() == {}
+
+    # the history: one row per version, as the artifact and on the last run
+    versions = client.search_model_versions("name='moco-encoder'")
+    assert len(versions) == 3
+    history = Artifact.get("retrain-history").data
+    for version in versions:
+        assert f"| v{version.version}" in history and version.tags["data_version"] in history
+    last = json.loads((project / "models/encoder/run.json").read_text())["run_id"]
+    logged = {a.path for a in client.list_artifacts(last, "history")}
+    assert logged == {"history/history.md", "history/history.png"}
 
 
 def test_a_failing_stage_fails_the_flow_and_leaves_production_and_data_versions(

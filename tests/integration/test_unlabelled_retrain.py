@@ -85,7 +85,7 @@ def test_daily_unlabelled_drops_retrain_on_a_benchmark_then_on_label_free_metric
     assert train["samples"] + holdout["samples"] == DAY and 50 <= holdout["samples"] <= 150
     bench = _read(stream, "data/benchmark/test/manifest.json")
     assert bench["samples"] == 256 and len(bench["classes"]) == 10
-    day1 = _read(stream, "metrics.json")
+    day1 = _read(stream, "metrics-full.json")
     assert day1["benchmark_version"] and 0.0 < day1["knn_top1"] <= 1.0
     assert day1["rankme"] >= 1.0 and "drift_mmd2" not in day1  # nothing to compare with yet
 
@@ -120,7 +120,7 @@ def test_daily_unlabelled_drops_retrain_on_a_benchmark_then_on_label_free_metric
     assert "empty" in reasons["2026-12-01/empty.png"]
     assert "not an image" in reasons["2026-12-01/notes.jpg"]
     assert "truncated" in reasons["2026-12-01/cut.png"]
-    day2 = _read(stream, "metrics.json")
+    day2 = _read(stream, "metrics-full.json")
     assert day2["benchmark_version"] == day1["benchmark_version"]  # the same fixed benchmark
     assert 0.0 <= day2["drift_p_value"] <= 1.0 and day2["drift_new_samples"] > 0
     assert 0.0 <= day2["agreement_production"] <= 1.0
@@ -138,7 +138,7 @@ def test_daily_unlabelled_drops_retrain_on_a_benchmark_then_on_label_free_metric
     label_free = ["eval.benchmark=''", "registry.primary_metric=rankme", WARM]
     state = retrain(params_file="params.yaml", overrides=label_free, return_state=True)
     assert state.is_completed(), state.message
-    day3 = _read(stream, "metrics.json")
+    day3 = _read(stream, "metrics-full.json")
     assert "knn_top1" not in day3 and day3["benchmark_version"] == ""
     third = _read(stream, "promotion.json")
     assert third["metric"] == "rankme" and f"vs production v{production}" in third["reason"]

@@ -81,7 +81,7 @@ def test_better_is_promoted_worse_is_not_and_rollback_restores(
 
     worse = promote(params, store.model_uri, {**FIRST, "knn_top1": 0.855}, DATA)
     assert not worse.promoted
-    assert "knn_top1 0.8550 vs 0.8500: not higher by min_gain 0.01" in worse.reason
+    assert "knn_top1 0.8550 vs 0.8500: not higher by more than min_gain 0.01" in worse.reason
     assert alias(params, "production") == better.version
     assert alias(params, "challenger") == worse.version
     assert worse.reason in description(params, worse.version)
@@ -98,6 +98,22 @@ def test_better_is_promoted_worse_is_not_and_rollback_restores(
     assert recorded()["action"] == "rollback"
     with pytest.raises(StageError, match="no @previous"):
         rollback(params)
+
+
+@pytest.mark.parametrize(("min_gain", "value"), [(0.0, 0.80), (0.01, 0.81)])
+def test_a_tie_with_production_is_kept_as_challenger(
+    make_params: Callable[..., Params], store: Store, min_gain: float, value: float
+) -> None:
+    """Identical metrics (a retrain on unchanged data) or a gain of exactly min_gain: the
+    candidate has not beaten production by more than min_gain, so production stays."""
+    params = make_params(f"registry.min_gain={min_gain}")
+    production = promote(params, store.model_uri, FIRST, DATA)
+    tie = promote(params, store.model_uri, {**FIRST, "knn_top1": value}, DATA)
+    assert not tie.promoted
+    assert f"not higher by more than min_gain {min_gain}" in tie.reason
+    assert alias(params, "production") == production.version
+    assert alias(params, "challenger") == tie.version
+    assert tags(params, tie.version)["decision"] == "rejected"
 
 
 def test_rollback_walks_back_through_history(
@@ -122,7 +138,9 @@ def test_guard_metric_that_falls_too_far_blocks_promotion(
     blocked = promote(params, store.model_uri, {**FIRST, "knn_top1": 0.9, "linear_top1": 0.9}, DATA)
     assert not blocked.promoted
     assert "guard linear_top1 fell 0.0500 > tolerance 0.01" in blocked.reason
-    held = promote(params, store.model_uri, {**FIRST, "knn_top1": 0.9, "linear_top1": 0.945}, DATA)
+    # every version here shares one run, whose eval_ metrics the blocked candidate overwrote:
+    # production now reads knn 0.9, so the candidate must beat that, not only v1's 0.8
+    held = promote(params, store.model_uri, {**FIRST, "knn_top1": 0.95, "linear_top1": 0.945}, DATA)
     assert held.promoted and "guards held" in held.reason
 
 
