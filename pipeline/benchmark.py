@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.config import Params
+from pipeline.dataset import read_manifest
 from pipeline.shard import ShardSummary, shard
 from pipeline.sources import SPLIT_FOLDERS, SourceError
 
@@ -50,10 +51,32 @@ def benchmark(params: Params) -> ShardSummary | None:
     if not e.benchmark:
         Path(e.benchmark_dir).mkdir(parents=True, exist_ok=True)  # DVC's output, kept empty
         return None
-    return shard_reference(
+    summary = shard_reference(
         params,
         e.benchmark,
         e.benchmark_dir,
         train_limit=e.benchmark_train_limit,
         test_limit=e.benchmark_test_limit,
     )
+    refuse_overlap(params)
+    return summary
+
+
+def refuse_overlap(params: Params) -> None:
+    """Refuse a benchmark that shares an image with the training stream (by the content
+    sha256 both manifests list): a model scored on images it was trained on would look better
+    than it is. Checked on every run, since each drop may bring the overlap."""
+    try:
+        trained = read_manifest(params.data.shards_dir, "train")["files"]
+    except FileNotFoundError:
+        return  # nothing sharded yet: the next run checks
+    stream = {sha for sha in trained.values() if sha}
+    for split in ("train", "test"):
+        listed = read_manifest(params.eval.benchmark_dir, split)["files"]
+        shared = sorted(ref for ref, sha in listed.items() if sha in stream)
+        if shared:
+            raise SourceError(
+                f"eval.benchmark={params.eval.benchmark!r}: {len(shared)} image(s) of its {split}"
+                f" split are also in the training stream {params.data.shards_dir}/train (e.g. "
+                f"{shared[0]}); use a benchmark apart from data.source, or change eval.benchmark"
+            )

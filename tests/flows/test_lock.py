@@ -22,6 +22,27 @@ with project_lock(Path(sys.argv[1])):
     time.sleep(600)
 """
 
+# Another run trying the lock once: prints what it got.
+CHALLENGER = """
+import sys
+from pathlib import Path
+from flows.lock import project_lock
+from pipeline.errors import StageError
+try:
+    with project_lock(Path(sys.argv[1])):
+        print("acquired")
+except StageError as refused:
+    print(f"refused: {refused}")
+"""
+
+
+def _challenge(lock: Path) -> str:
+    done = subprocess.run(
+        [sys.executable, "-c", CHALLENGER, str(lock)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
 
 def test_a_second_run_is_refused_until_the_holder_is_killed(tmp_path: Path) -> None:
     lock = tmp_path / "runs" / "flow.lock"
@@ -36,5 +57,7 @@ def test_a_second_run_is_refused_until_the_holder_is_killed(tmp_path: Path) -> N
     finally:
         os.kill(holder.pid, signal.SIGKILL)
         holder.wait()
-    with project_lock(lock):  # the OS freed the dead holder's lock
-        assert lock.exists()
+    with project_lock(lock):  # the OS freed the dead holder's lock: we hold it now
+        answer = _challenge(lock)
+        assert answer.startswith("refused: ") and f"flow run (pid {os.getpid()}) holds" in answer
+    assert _challenge(lock) == "acquired"  # and released it on leaving the block

@@ -56,15 +56,22 @@ def write_fashion_images():
 
 
 @pytest.fixture(scope="session")
-def s3_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    """One moto S3 server for the session; its AWS_* settings are in os.environ meanwhile."""
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """One moto S3 server for the session: its AWS_* settings, not put in os.environ."""
     log = tmp_path_factory.mktemp("moto") / "moto.log"
-    with moto_server(log) as env, pytest.MonkeyPatch.context() as patch:
-        for name in ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
-            patch.delenv(name, raising=False)
-        for name, value in env.items():
-            patch.setenv(name, value)
+    with moto_server(log) as env:
         yield env
+
+
+@pytest.fixture
+def s3_env(s3_server: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """The S3 server's AWS_* settings in os.environ for one test, restored after it (a later
+    test never sees them)."""
+    for name in ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in s3_server.items():
+        monkeypatch.setenv(name, value)
+    return s3_server
 
 
 @pytest.fixture
@@ -76,7 +83,7 @@ def s3_bucket(s3_env: dict[str, str], request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture(scope="module")
 def two_nodes(
-    s3_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+    s3_server: dict[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[TwoNodeCluster]:
     """One head + one worker node (1 CPU each) for the module's tests, with the S3 settings.
 
@@ -84,7 +91,7 @@ def two_nodes(
     placement-group cleaner in the tests' local instance cannot tell which one is its own
     ("Found multiple active Ray instances"), leaked groups pile up and the next Tune trial's
     workers are never placed."""
-    cluster = TwoNodeCluster(tmp_path_factory.mktemp("two-nodes"), dict(s3_env))
+    cluster = TwoNodeCluster(tmp_path_factory.mktemp("two-nodes"), dict(s3_server))
     try:
         cluster.start()
         yield cluster

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from filelock import FileLock, Timeout
 
 from moco.backbones import BackboneSpec
 from pipeline import precision as precision_module
@@ -104,39 +105,57 @@ def test_auto_is_cached_per_model_shape(tmp_path: Path, native_bf16: None) -> No
     assert auto(tmp_path, Timings(1.0, 3.0)).precision == "bf16"  # the first entry is kept
 
 
-class SlowFileProbe:
-    """A probe that takes a while and leaves one line per call in a file (seen across processes)."""
+class HeldProbe:
+    """A probe that logs its call (seen across processes), says it has started, and holds the
+    cache's lock until the test creates the release file."""
 
-    def __init__(self, log: Path) -> None:
-        self.log = log
+    def __init__(self, folder: Path) -> None:
+        self.log, self.started, self.release = (folder / n for n in ("probes", "started", "go"))
 
     def __call__(self, shape: ModelShape) -> tuple[float, float]:
         with self.log.open("a") as out:
             out.write(f"{os.getpid()}\n")
-        time.sleep(0.5)
+        self.started.touch()
+        _wait_for(self.release)
         return 1.0, 0.5
 
 
-def _resolve_in_child(tmp_path: Path, results: "mp.Queue[str]") -> None:
-    found = auto(tmp_path, SlowFileProbe(tmp_path / "probes.log"))  # type: ignore[arg-type]
-    results.put(found.precision)
+def _wait_for(path: Path, timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path.name} never appeared"
+        time.sleep(0.02)
+
+
+def _resolve_in_child(tmp_path: Path, results: "mp.Queue[tuple[str, bool]]") -> None:
+    found = auto(tmp_path, HeldProbe(tmp_path))  # type: ignore[arg-type]
+    results.put((found.precision, found.cached))
 
 
 def test_workers_starting_together_probe_once_per_machine(
     tmp_path: Path, native_bf16: None
 ) -> None:
-    # two worker processes of one run resolve at the same moment: one probes, the other
-    # waits on the cache's lock and reads its answer, so both ranks choose alike
+    # two worker processes of one run resolve together: while the first probes it holds the
+    # cache's lock (no other process can take it), and the second reads the first's answer
     context = mp.get_context("fork")
     results = context.Queue()
-    workers = [context.Process(target=_resolve_in_child, args=(tmp_path, results)) for _ in "ab"]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join(timeout=60)
-    assert [w.exitcode for w in workers] == [0, 0]
-    assert sorted(results.get(timeout=5) for _ in workers) == ["bf16", "bf16"]
-    assert len((tmp_path / "probes.log").read_text().splitlines()) == 1
+    probe = HeldProbe(tmp_path)
+    first = context.Process(target=_resolve_in_child, args=(tmp_path, results))
+    first.start()
+    _wait_for(probe.started)  # the first is inside its probe, under the lock
+    lock = FileLock(tmp_path / ".precision.json.lock", timeout=0)
+    with pytest.raises(Timeout):
+        lock.acquire()
+    second = context.Process(target=_resolve_in_child, args=(tmp_path, results))
+    second.start()
+    probe.release.touch()
+    for worker in (first, second):
+        worker.join(timeout=120)
+    assert [w.exitcode for w in (first, second)] == [0, 0]
+    assert sorted(results.get(timeout=5) for _ in "ab") == [("bf16", False), ("bf16", True)]
+    assert len(probe.log.read_text().splitlines()) == 1
+    with lock:  # released by its holder's exit
+        pass
 
 
 def test_auto_cache_depends_on_thread_count(tmp_path: Path, native_bf16: None) -> None:
@@ -182,9 +201,22 @@ def test_the_cache_path_comes_from_the_environment(
 def test_the_probe_times_both_precisions_of_the_real_model(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """Every convolution of the probe's model runs in fp32 in one half and under bf16 autocast
+    in the other, the same number of times each: the timings compare the two precisions."""
     monkeypatch.setattr(precision_module, "PROBE_BUDGET_S", 0.0)  # the minimum steps only
-    fp32_s, bf16_s = probe_step_seconds(SHAPE)
+    seen: list[tuple[bool, torch.dtype]] = []
+
+    def record(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        if isinstance(module, torch.nn.Conv2d):
+            seen.append((torch.is_autocast_enabled("cpu"), output.dtype))
+
+    with torch.nn.modules.module.register_module_forward_hook(record):
+        fp32_s, bf16_s = probe_step_seconds(SHAPE)
     assert fp32_s > 0 and bf16_s > 0
+    fp32 = [dtype for autocast, dtype in seen if not autocast]
+    bf16 = [dtype for autocast, dtype in seen if autocast]
+    assert set(fp32) == {torch.float32} and set(bf16) == {torch.bfloat16}
+    assert len(fp32) == len(bf16) > 0
 
 
 def test_the_worker_shape_follows_the_params() -> None:

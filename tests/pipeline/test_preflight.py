@@ -1,6 +1,6 @@
-"""Remote endpoints are checked before any work starts: a refusal is one line, in seconds, that
-names the setting and the endpoint and never a credential. Real sockets and HTTP servers on
-127.0.0.1; nothing is mocked."""
+"""Remote endpoints are checked before any work starts: a refusal is one line that names the
+setting and the endpoint and never a credential, given before Ray is started. Real sockets and
+HTTP servers on 127.0.0.1; nothing is mocked."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
@@ -20,7 +19,6 @@ from pipeline.errors import StageError
 from pipeline.preflight import check_endpoints, check_ray_address
 
 ROOT = Path(__file__).resolve().parents[2]
-MOCOPIPE = str(Path(sys.executable).with_name("mocopipe"))
 
 
 @pytest.fixture
@@ -32,52 +30,64 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
-def run_cli(
-    project: Path, args: list[str], **env: str
-) -> tuple[subprocess.CompletedProcess, float]:
-    """`mocopipe ARGS` as a user runs it, with its own Ray temp dir; returns it and its time."""
-    environ = os.environ | {"RAY_TMPDIR": str(project / "raytmp"), **env}
-    started = time.monotonic()
-    done = subprocess.run(
-        [MOCOPIPE, *args], cwd=project, env=environ, capture_output=True, text=True, timeout=120
+# The CLI as `mocopipe` runs it, in a fresh interpreter that then reports whether Ray was
+# initialised in that process: the refusal has to come before ray.init, not from it.
+RUN_CLI = """
+import sys
+import ray
+from pipeline.cli import app
+try:
+    app(sys.argv[1:], prog_name="mocopipe")
+    code = 0
+except SystemExit as done:
+    code = done.code
+print(f"ray initialized: {ray.is_initialized()}")
+sys.exit(code)
+"""
+
+
+def run_cli(project: Path, args: list[str], **env: str) -> subprocess.CompletedProcess:
+    """`mocopipe ARGS` in its own process; its stdout ends with whether Ray was initialised."""
+    return subprocess.run(
+        [sys.executable, "-c", RUN_CLI, *args],
+        cwd=project,
+        env=os.environ | env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
-    return done, time.monotonic() - started
 
 
 def test_unreachable_tracking_server_is_refused_before_ray_starts(
     project: Path, closed_port: int
 ) -> None:
     uri = f"http://127.0.0.1:{closed_port}"
-    done, seconds = run_cli(project, ["pretrain"], MLFLOW_TRACKING_URI=uri)
+    done = run_cli(project, ["pretrain"], MLFLOW_TRACKING_URI=uri)
 
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip().splitlines() == [
         f"error: MLFLOW_TRACKING_URI={uri}: nothing answers at {uri.removeprefix('http://')} "
         "(connection refused); start the server or fix MLFLOW_TRACKING_URI"
     ]
-    assert seconds < 10, f"refused after {seconds:.1f} s"
-    assert not (project / "raytmp").exists()  # Ray never started: it makes its folder first
-    print(f"unreachable MLflow refused in {seconds:.1f} s")
+    assert done.stdout.strip().splitlines()[-1] == "ray initialized: False"
 
 
 @pytest.mark.parametrize(
     ("setting", "args", "env_name"),
     [("RAY_ADDRESS", [], "RAY_ADDRESS"), ("--address", ["--address"], None)],
 )
-def test_a_ray_cluster_that_does_not_answer_is_refused_in_seconds(
+def test_a_ray_cluster_that_does_not_answer_is_refused_before_connecting(
     project: Path, closed_port: int, setting: str, args: list[str], env_name: str | None
 ) -> None:
     address = f"127.0.0.1:{closed_port}"
     env = {env_name: address} if env_name else {}
-    done, seconds = run_cli(project, ["pretrain", *args, *([address] if args else [])], **env)
+    done = run_cli(project, ["pretrain", *args, *([address] if args else [])], **env)
 
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1
+    assert len(lines) == 1  # our own line, not ray.init's traceback after its retries
     assert lines[0].startswith(f"error: {setting}={address}: nothing answers at {address}")
-    assert seconds < 10, f"refused after {seconds:.1f} s"
-    assert not (project / "raytmp").exists()
-    print(f"{setting} of a dead cluster refused in {seconds:.1f} s")
+    assert done.stdout.strip().splitlines()[-1] == "ray initialized: False"
 
 
 def test_ray_addresses_client_port_local_default_and_a_bad_port(

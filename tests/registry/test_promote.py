@@ -144,6 +144,38 @@ def test_guard_metric_that_falls_too_far_blocks_promotion(
     assert held.promoted and "guards held" in held.reason
 
 
+@pytest.mark.parametrize("metric", ["alignment", "uniformity"])
+def test_lower_is_better_metric_gates_downwards(
+    make_params: Callable[..., Params], store: Store, metric: str
+) -> None:
+    """A label-free gate on a metric that falls as the encoder improves: below random init is
+    the first bar, then only a drop of at least min_gain counts. Each case gets a registered
+    model of its own (the versions share one run, whose metrics the next gate reads)."""
+    first = {"uniformity": -2.0, metric: 0.60, f"random_{metric}": 0.80}  # (-2.0: a guard's)
+
+    def gate(candidate: float) -> Decision:
+        params = make_params(f"registry.primary_metric={metric}", "registry.min_gain=0.05")
+        assert promote(params, store.model_uri, first, DATA).promoted  # below random: the bar
+        return promote(params, store.model_uri, {**first, metric: candidate}, DATA)
+
+    alone = make_params(f"registry.primary_metric={metric}")
+    above_random = promote(alone, store.model_uri, {**first, metric: 0.90}, DATA)
+    assert not above_random.promoted and "does not beat random-init 0.8000" in above_random.reason
+    rose = gate(0.70)
+    assert not rose.promoted and f"{metric} 0.7000 vs 0.6000: not lower by" in rose.reason
+    fell = gate(0.50)
+    assert fell.promoted and f"{metric} 0.5000 vs 0.6000: lower by" in fell.reason
+    if metric == "alignment":  # by too little; and uniformity rising past its guard is a fall
+        assert not gate(0.58).promoted
+        spread_less = make_params(
+            "registry.primary_metric=alignment", "registry.guards={uniformity: 0.1}"
+        )
+        promote(spread_less, store.model_uri, first, DATA)
+        blocked = {**first, metric: 0.40, "uniformity": -1.8}
+        decision = promote(spread_less, store.model_uri, blocked, DATA)
+        assert not decision.promoted and "guard uniformity fell 0.2000" in decision.reason
+
+
 def test_production_is_rescored_on_the_candidates_data(
     make_params: Callable[..., Params], store: Store
 ) -> None:
