@@ -110,8 +110,11 @@ def test_a_killed_worker_is_survived_from_the_last_checkpoint(
     params: Params, ray_cluster: None
 ) -> None:
     params = variant("train.epochs=4", "train.checkpoint_every_minutes=0")
+    before = train_workers()
     result = pretrain_killing_a_worker(params)
 
+    # Ray Train restarted the worker group: two workers, then two more from the checkpoint
+    assert len(train_workers() - before) == 2 * params.train.num_workers
     run = MlflowClient().get_run(result.run_id)
     assert run.info.status == "FINISHED"
     assert max(m.step for m in MlflowClient().get_metric_history(result.run_id, "loss")) == 3
@@ -148,6 +151,21 @@ def test_a_worker_lost_mid_epoch_costs_only_the_steps_since_the_last_checkpoint(
         int(final["model"]["queue.ptr"])
         == steps * params.method.keys_per_step(params.train.global_batch) % 1000
     )
+
+
+def train_workers() -> set[str]:
+    """The ids of every Ray Train worker actor this session's cluster has started, dead or
+    alive (a restart after a lost worker starts a new group)."""
+    from ray.util.state import list_actors
+
+    return {
+        actor.actor_id
+        for actor in list_actors(
+            address=ray.get_runtime_context().gcs_address,
+            filters=[("class_name", "=", "RayTrainWorker")],
+            limit=10_000,
+        )
+    }
 
 
 def pretrain_killing_a_worker(params: Params):

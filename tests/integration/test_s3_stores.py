@@ -9,10 +9,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
+import mlflow
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 from object_store import free_port, stop_group, wait_for_port
 
+from pipeline.config import ModelParams, load_params
+from pipeline.encoder import EncoderSpec, load_encoder, save_encoder
+from pipeline.promote import promote
+from pipeline.tracking import log_encoder, setup_mlflow
 from pipeline.versioning import push
 
 pytestmark = pytest.mark.integration
@@ -97,3 +103,31 @@ def test_the_mlflow_server_keeps_artifacts_in_the_bucket(
     assert [k for k in keys if k.endswith(f"{run.info.run_id}/artifacts/report.json")], keys
     back = client.download_artifacts(run.info.run_id, "report.json", str(tmp_path / "back"))
     assert Path(back).read_text() == report.read_text()
+
+
+def test_the_pipeline_logs_promotes_and_serves_a_model_through_the_s3_backed_server(
+    mlflow_on_s3: str, s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stages' own calls, not a bare client: log_encoder, promote (register, gate, alias)
+    and load_encoder("models:/...@production"), with every artifact in the bucket."""
+    monkeypatch.chdir(tmp_path)  # promotion.json and the registry lock land here
+    params = load_params(None, [f"tracking.uri={mlflow_on_s3}", "registry.model_name=s3-enc"])
+    spec = EncoderSpec.from_params(ModelParams(width=4, image_size=16))
+    torch.manual_seed(3)
+    trained, _ = spec.build()
+    folder = save_encoder(trained.eval(), spec, tmp_path / "encoder")
+    with mlflow.start_run(experiment_id=setup_mlflow(params)) as run:
+        model_uri = log_encoder(folder)
+    keys = _objects(s3_bucket, "mlflow/")
+    assert [k for k in keys if k.endswith("encoder.safetensors")], keys  # in the bucket
+
+    versions = {"data_version": "d1", "benchmark_version": "", "eval_version": "e1"}
+    decision = promote(params, model_uri, {"knn_top1": 0.8, "random_knn_top1": 0.7}, versions)
+    assert decision.promoted and decision.version == "1"
+
+    served, served_spec = load_encoder("models:/s3-enc@production")
+    images = torch.rand(4, spec.in_channels, spec.image_size, spec.image_size)
+    with torch.no_grad():
+        assert torch.equal(served(images), trained(images))
+    assert served_spec == spec
+    assert MlflowClient(mlflow_on_s3).get_model_version("s3-enc", "1").run_id == run.info.run_id

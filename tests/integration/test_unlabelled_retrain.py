@@ -15,11 +15,17 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import torch
 from integration_helpers import FLOW, ROOT, make_project
 from mlflow.tracking import MlflowClient
 from prefect.artifacts import Artifact
 
-from pipeline.config import DataParams
+from pipeline.config import DataParams, load_params
+from pipeline.encoder import load_encoder
+from pipeline.evaluation.data import Slice, drift_sides, heldout_slice
+from pipeline.evaluation.drift import mmd_drift
+from pipeline.evaluation.features import feature_net, load_images
+from pipeline.evaluation.label_free import neighbourhood_agreement, rankme
 from pipeline.registry import PRODUCTION
 from pipeline.sources import fashion_mnist
 
@@ -61,6 +67,21 @@ def _read(project: Path, name: str) -> dict:
     return json.loads((project / name).read_text())
 
 
+@torch.no_grad()
+def _embed(model_uri: str, piece: Slice) -> torch.Tensor:
+    """L2-normalised features of a slice's images by a registered model, computed here (not by
+    the evaluate stage) to check which model and which images its numbers came from."""
+    encoder, spec = load_encoder(model_uri)
+    images = load_images(
+        piece.urls,
+        image_size=spec.image_size,
+        channels=spec.in_channels,
+        batch_size=256,
+        limit=piece.samples,
+    )
+    return feature_net(encoder)(images.float() / 255)
+
+
 @pytest.fixture
 def stream(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     folder = make_project(tmp_path / "project", UNLABELLED)
@@ -87,7 +108,10 @@ def test_daily_unlabelled_drops_retrain_on_a_benchmark_then_on_label_free_metric
     assert bench["samples"] == 256 and len(bench["classes"]) == 10
     day1 = _read(stream, "metrics-full.json")
     assert day1["benchmark_version"] and 0.0 < day1["knn_top1"] <= 1.0
-    assert day1["rankme"] >= 1.0 and "drift_mmd2" not in day1  # nothing to compare with yet
+    assert "drift_mmd2" not in day1 and "agreement_production" not in day1  # nothing to compare
+    params = load_params("params.yaml", overrides)
+    heldout = heldout_slice(params)
+    assert heldout is not None and heldout.samples == min(150, holdout["samples"])
 
     mlflow.set_tracking_uri(f"sqlite:///{stream / 'mlflow.db'}")
     client = MlflowClient()
@@ -100,8 +124,9 @@ def test_daily_unlabelled_drops_retrain_on_a_benchmark_then_on_label_free_metric
     assert ("train-stream", day1["data_version"]) in inputs
     assert ("fashion-mnist", day1["benchmark_version"]) in inputs
     first = _read(stream, "promotion.json")
-    if not first["promoted"]:  # a 1-epoch toy may not beat random init; this is about records
-        client.set_registered_model_alias("moco-encoder", PRODUCTION, first["version"])
+    assert first["promoted"], first["reason"]  # beat random init: production from day 1
+    v1 = f"models:/moco-encoder/{first['version']}"
+    assert day1["rankme"] == pytest.approx(rankme(_embed(v1, heldout)), rel=1e-4)
 
     # day 2: more images and a few broken files; warm start from production
     old_shards = {p.name: p.read_bytes() for p in (stream / "data/shards/train").glob("*.tar")}
@@ -122,9 +147,22 @@ def test_daily_unlabelled_drops_retrain_on_a_benchmark_then_on_label_free_metric
     assert "truncated" in reasons["2026-12-01/cut.png"]
     day2 = _read(stream, "metrics-full.json")
     assert day2["benchmark_version"] == day1["benchmark_version"]  # the same fixed benchmark
-    assert 0.0 <= day2["drift_p_value"] <= 1.0 and day2["drift_new_samples"] > 0
-    assert 0.0 <= day2["agreement_production"] <= 1.0
+    # drift: production (day 1's model) embeds what it was trained on and what came since
+    sides = drift_sides(params, train["samples"])
+    assert sides is not None
+    old, new = (_embed(v1, side) for side in sides)
+    sizes = (day2["drift_old_samples"], day2["drift_new_samples"])
+    assert sizes == (len(old), len(new)) == (200, 200)
+    expected = mmd_drift(old, new, permutations=50, seed=params.eval.seed)
+    assert day2["drift_mmd2"] == pytest.approx(expected.mmd2, rel=1e-3, abs=1e-6)
+    assert day2["drift_p_value"] == pytest.approx(expected.p_value, abs=1.01 / 51)  # float ties
+    assert abs(day2["drift_mmd2"]) < 0.02  # day 2 is more of the same images: no real shift
     second = _read(stream, "promotion.json")
+    heldout2 = heldout_slice(params)
+    assert heldout2 is not None
+    mine = _embed(f"models:/moco-encoder/{second['version']}", heldout2)
+    agreement = neighbourhood_agreement(mine, _embed(v1, heldout2), params.eval.agreement_k)
+    assert day2["agreement_production"] == pytest.approx(agreement, abs=1e-6)
     assert f"vs production v{first['version']}" in second["reason"]
     summary = Artifact.get("retrain-summary").data
     assert "warm start from models:/moco-encoder@production" in summary
@@ -142,6 +180,9 @@ def test_daily_unlabelled_drops_retrain_on_a_benchmark_then_on_label_free_metric
     assert "knn_top1" not in day3 and day3["benchmark_version"] == ""
     third = _read(stream, "promotion.json")
     assert third["metric"] == "rankme" and f"vs production v{production}" in third["reason"]
+    assert third["candidate"] == day3["rankme"]
+    # drift only against a production trained on less than the stream holds now
+    assert ("drift_mmd2" in day3) == (not second["promoted"])
 
 
 def test_a_flow_that_could_not_evaluate_is_refused_before_training(tmp_path: Path) -> None:
