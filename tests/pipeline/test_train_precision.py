@@ -9,7 +9,8 @@ import torch
 
 from moco.augment import BatchTwoCrops
 from pipeline.config import load_params
-from pipeline.train_worker import WorkerConfig, _epoch, build_augment, build_model
+from pipeline.method import build_augment, build_model
+from pipeline.train_worker import WorkerConfig, _epoch
 
 STEPS = 2
 
@@ -32,7 +33,7 @@ def test_the_training_step_runs_in_the_resolved_precision(
         [
             "model.width=4",
             "model.image_size=16",
-            "moco.queue_size=16",
+            "method.queue_size=16",
             "train.batch_size=8",
             "train.channels_last=false",
             f"train.precision={precision}",
@@ -40,7 +41,7 @@ def test_the_training_step_runs_in_the_resolved_precision(
     )
     torch.manual_seed(0)
     model = build_model(params, world_size=1)
-    optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=0.01)
+    optimizer = model.optimizer(0.01, 0.0, 0.9)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     cfg = WorkerConfig(params.model_dump(), [], [], [], 10, STEPS)
     images = torch.randint(0, 256, (8, 1, 16, 16), dtype=torch.uint8)
