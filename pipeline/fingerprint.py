@@ -62,8 +62,8 @@ def eval_protocol(params: Params) -> str:
 
 def settings_hash(params: Params) -> str:
     """A hash of the settings a retrain's outcome depends on: the model, method, augmentation
-    and training settings (less NOT_TRAINING) and the eval protocol. The data settings are left to the data
-    version, which changes when they change what is sharded."""
+    and training settings (less NOT_TRAINING) and the eval protocol. The data settings are left
+    to the data version, which changes when they change what is sharded."""
     return short_hash(
         {
             "model": params.model.model_dump(),
