@@ -192,7 +192,6 @@ def _feature_caches(params: Params, report: Report) -> None:
 
 def _production_fingerprint(params: Params) -> str | None:
     """The key the evaluate stage gives production's encoder features (None: no production)."""
-    from dataclasses import asdict
 
     from mlflow.tracking import MlflowClient
 
@@ -206,7 +205,7 @@ def _production_fingerprint(params: Params) -> str | None:
     if version_by_alias(MlflowClient(), name, PRODUCTION) is None:
         return None
     encoder, spec = load_encoder(f"models:/{name}@{PRODUCTION}")
-    return model_fingerprint(encoder, spec=asdict(spec), bf16=params.train.precision == "bf16")
+    return model_fingerprint(encoder, spec=spec.to_dict(), bf16=params.train.precision == "bf16")
 
 
 # --- MLflow model versions --------------------------------------------------------------------

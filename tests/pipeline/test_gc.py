@@ -18,6 +18,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
+from moco.backbones import BackboneSpec
 from pipeline.cli import app
 from pipeline.config import ConfigError, load_params
 from pipeline.encoder import EncoderSpec, load_encoder, save_encoder
@@ -28,7 +29,7 @@ from pipeline.versioning import pin_lock, record_stages
 DVC = str(Path(sys.executable).with_name("dvc"))
 NAME = "moco-encoder"
 SPEC = EncoderSpec(
-    "resnet10", 4, small_stem=True, in_channels=1, image_size=8, mean=(0.3,), std=(0.3,)
+    "mocov2", BackboneSpec("resnet10", 1, 8, (0.3,), (0.3,), width=4, small_stem=True)
 )
 POLICY = {"checkpoint_runs": 3, "feature_caches": 2, "unpromoted_versions": 2}
 STAGE = {"stages": {"shard": {"cmd": "true", "outs": [{"data/shards": {"persist": True}}]}}}
