@@ -5,7 +5,6 @@ never finds this cluster, and it is ended by pid (never `ray stop`, which stops 
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import shutil
@@ -95,26 +94,6 @@ class TwoNodeCluster:
                 return
             time.sleep(1)
         raise TimeoutError(f"the Ray cluster at {self.address} did not reach {cpus} CPUs")
-
-    def state(self, kind: str, *filters: str) -> list[dict]:
-        """`ray list KIND` of this cluster (Ray's state API, dead entries included), as dicts."""
-        listed = subprocess.run(
-            [
-                *(RAY, "list", kind, f"--address={self.dashboard}", "--format=json"),
-                *("--detail", "--limit=10000", *(f"--filter={f}" for f in filters)),
-            ],
-            env=os.environ | self.env,
-            capture_output=True,
-            text=True,
-            timeout=STATUS_TIMEOUT_S * 2,
-            check=True,
-        )
-        return json.loads(listed.stdout)
-
-    def train_workers(self) -> dict[str, str]:
-        """actor id -> node id of every Ray Train worker this cluster has started."""
-        actors = self.state("actors", "class_name=RayTrainWorker")
-        return {a["actor_id"]: a["node_id"] for a in actors}
 
     def _node(self, name: str, *args: str) -> subprocess.Popen:
         log = open(self.folder / f"{name}-{time.monotonic_ns()}.log", "wb")  # noqa: SIM115
