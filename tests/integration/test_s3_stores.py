@@ -15,7 +15,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from object_store import free_port, stop_group, wait_for_port
 
-from pipeline.config import ModelParams, load_params
+from pipeline.config import ModelParams, Params, load_params
 from pipeline.encoder import EncoderSpec, load_encoder, save_encoder
 from pipeline.promote import promote
 from pipeline.tracking import log_encoder, setup_mlflow
@@ -62,9 +62,15 @@ def test_the_dvc_remote_on_s3_takes_the_data_and_gives_it_back(
 
 
 @pytest.fixture
-def mlflow_on_s3(s3_bucket: str, tmp_path: Path) -> Iterator[str]:
+def mlflow_on_s3(s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """`mlflow server` whose artifact store is the bucket (infra/'s layout, SQLite for speed:
-    the PostgreSQL backend has its own test in tests/registry)."""
+    the PostgreSQL backend has its own test in tests/registry).
+
+    An S3 artifact store makes the server offer presigned URLs for direct downloads; moto with
+    authentication on answers those with a 500 (a real S3 or MinIO serves them), and the client
+    retries for minutes. So clients here download through the server, as one without a route to
+    the bucket must (README "Scaling out")."""
+    monkeypatch.setenv("MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD", "false")
     port, log = free_port(), tmp_path / "mlflow.log"
     command = [
         str(BIN / "mlflow"), "server",
@@ -84,12 +90,8 @@ def mlflow_on_s3(s3_bucket: str, tmp_path: Path) -> Iterator[str]:
 
 
 def test_the_mlflow_server_keeps_artifacts_in_the_bucket(
-    mlflow_on_s3: str, s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    mlflow_on_s3: str, s3_bucket: str, tmp_path: Path
 ) -> None:
-    # An S3 artifact store makes the server offer presigned URLs for direct downloads; moto
-    # with authentication on answers those with a 500 (a real S3 or MinIO serves them), so
-    # this client downloads through the server, as one without a route to the bucket must.
-    monkeypatch.setenv("MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD", "false")
     client = MlflowClient(mlflow_on_s3)
     experiment = client.create_experiment("s3-artifacts")
     run = client.create_run(experiment)
@@ -112,7 +114,7 @@ def test_the_pipeline_logs_promotes_and_serves_a_model_through_the_s3_backed_ser
     and load_encoder("models:/...@production"), with every artifact in the bucket."""
     monkeypatch.chdir(tmp_path)  # promotion.json and the registry lock land here
     params = load_params(None, [f"tracking.uri={mlflow_on_s3}", "registry.model_name=s3-enc"])
-    spec = EncoderSpec.from_params(ModelParams(width=4, image_size=16))
+    spec = EncoderSpec.from_params(Params(model=ModelParams(width=4, image_size=16)))
     torch.manual_seed(3)
     trained, _ = spec.build()
     folder = save_encoder(trained.eval(), spec, tmp_path / "encoder")
