@@ -16,6 +16,11 @@ Why it is built this way:
   replaced shard (a bad upload, a bit flip in the object store) fails the run naming the shard,
   never skipped. Its samples were already yielded by then; the check is on the stream, so it
   costs no second read.
+- Small images are decoded once per run, not once per epoch: the raw training loader can keep
+  each shard's decoded uint8 images in the training process (`DecodedShards`, bounded by
+  train.decoded_cache_mb). Reading a 28-px sample out of a tar and decoding its PNG costs ~160 us
+  on one core, ~15% of a CPU worker's step; from memory it costs nothing. Large images (224-px
+  JPEGs) do not fit: they stream, decoded in loader processes off the training thread.
 """
 
 from __future__ import annotations
@@ -141,6 +146,8 @@ def training_loader(
     steps: int | None = None,
     resampled: bool = False,
     raw_size: int | None = None,
+    decoded: DecodedShards | None = None,
+    pin_memory: bool = False,
 ) -> Iterable[tuple[Tensor, Tensor]] | Iterable[Tensor]:
     """(view_q, view_k) batches [B, C, H, W] for this rank; same (seed, epoch), same order.
 
@@ -152,11 +159,20 @@ def training_loader(
 
     `steps` caps the batches (pass steps_per_epoch(...) so all DDP ranks stop together; required
     with `resampled=True`, where shards are drawn with replacement, seeded per rank and worker,
-    for runs whose epochs should not follow shard boundaries)."""
+    for runs whose epochs should not follow shard boundaries).
+
+    `decoded` (raw batches, in-process loading only) serves shards decoded in an earlier epoch
+    from memory and keeps the ones decoded now; the batches are the same as without it.
+    `pin_memory` pins batches for asynchronous copies to a GPU."""
     if resampled and steps is None:
         raise ValueError("training_loader(resampled=True) streams forever: pass steps=")
-    if transform is not None and raw_size is not None:
-        raise ValueError("raw_size applies to raw batches only (transform=None)")
+    if transform is not None and (raw_size is not None or decoded is not None):
+        raise ValueError("raw_size and decoded apply to raw batches only (transform=None)")
+    if decoded is not None and loader_workers > 0:
+        raise ValueError(
+            "decoded shards live in the training process: use them with loader_workers=0 "
+            "(loader processes decode off the training thread already)"
+        )
     rank, world_size = _rank_world()
     shard_seed = make_seed(seed, epoch)
     if resampled:
@@ -173,19 +189,22 @@ def training_loader(
             wds.split_by_worker,
             wds.detshuffle(len(urls), initial=len(urls), seed=shard_seed),
         ]
-    stages = [*shards, _tar_samples]
+    if transform is not None:
+        samples, views = [_tar_samples], [wds.map(partial(_two_views, transform=transform))]
+        batch = wds.batched(batch_size, collation_fn=_collate, partial=False)
+    elif decoded is not None:  # decoded before the shuffle buffer: it then holds images
+        samples, views = [partial(_decoded_images, size=raw_size, decoded=decoded)], []
+        batch = wds.batched(batch_size, collation_fn=_stack_raw, partial=False)
+    else:
+        samples, views = [_tar_samples], [wds.map(partial(_raw_image, size=raw_size))]
+        batch = wds.batched(batch_size, collation_fn=_stack_raw, partial=False)
+    stages = [*shards, *samples]
     if shuffle_buffer > 0:
         seed_buffer = make_seed(seed, epoch, rank)
         stages.append(wds.shuffle(shuffle_buffer, initial=shuffle_buffer, seed=seed_buffer))
-    if transform is None:
-        views = wds.map(partial(_raw_image, size=raw_size))
-        batch = wds.batched(batch_size, collation_fn=_stack_raw, partial=False)
-    else:
-        views = wds.map(partial(_two_views, transform=transform))
-        batch = wds.batched(batch_size, collation_fn=_collate, partial=False)
-    stages += [views, batch]
+    stages += [*views, batch]
     generator = torch.Generator().manual_seed(make_seed(seed, epoch, rank))
-    return _loader(stages, loader_workers, steps, generator)
+    return _loader(stages, loader_workers, steps, generator, pin_memory)
 
 
 def eval_loader(
@@ -209,6 +228,48 @@ def eval_loader(
     return _loader(stages, loader_workers, None, None)
 
 
+class DecodedShards:
+    """Whole shards' decoded uint8 images, kept in this process across epochs, up to a byte
+    budget (shards past it stream and decode as usual). A shard enters only once it was read to
+    its end, so its sha256 was checked against its manifest; later epochs read it from memory."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes, self.bytes = max_bytes, 0
+        self._images: dict[str, Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self._images)
+
+    def get(self, url: str) -> Tensor | None:
+        """The shard's images [N, C, H, W] in shard order, or None when not kept."""
+        return self._images.get(url)
+
+    def offer(self, url: str, images: list[Tensor]) -> None:
+        """Keep a fully read shard's images if they share one shape and fit the budget."""
+        size = sum(image.numel() for image in images)
+        if not images or len({image.shape for image in images}) > 1:
+            return
+        if self.bytes + size <= self.max_bytes:
+            self._images[url] = torch.stack(images)
+            self.bytes += size
+
+
+def _decoded_images(
+    src: Iterable[dict[str, Any]], *, size: int | None, decoded: DecodedShards
+) -> Iterator[Tensor]:
+    """Shards -> raw images (see _raw_image): from `decoded` when kept there, else read and
+    decoded, then offered to it."""
+    for shard in src:
+        if (kept := decoded.get(shard["url"])) is not None:
+            yield from kept
+            continue
+        images = []
+        for sample in _tar_samples([shard]):  # ends after the shard's sha256 check
+            images.append(_raw_image(sample, size=size))
+            yield images[-1]
+        decoded.offer(shard["url"], images)
+
+
 def _require(urls: list[str]) -> list[str]:
     if not urls:
         raise ValueError("no shard URLs given: check shard_urls(shards_dir, split)")
@@ -216,10 +277,16 @@ def _require(urls: list[str]) -> list[str]:
 
 
 def _loader(
-    stages: list[Any], workers: int, steps: int | None, generator: torch.Generator | None
+    stages: list[Any],
+    workers: int,
+    steps: int | None,
+    generator: torch.Generator | None,
+    pin_memory: bool = False,
 ) -> Iterable[Any]:
     pipeline = wds.DataPipeline(*stages)
-    loader = DataLoader(pipeline, batch_size=None, num_workers=workers, generator=generator)
+    loader = DataLoader(
+        pipeline, batch_size=None, num_workers=workers, generator=generator, pin_memory=pin_memory
+    )
     return loader if steps is None else _Steps(loader, steps)
 
 

@@ -34,14 +34,17 @@ Precision = Literal["fp32", "bf16"]
 CACHE_ENV = "MOCO_PRECISION_CACHE"  # a JSON file path; overrides the default below
 DEFAULT_CACHE = Path.home() / ".cache" / "moco-pipeline" / "precision.json"
 MIN_SPEEDUP = 1.1  # bf16 must beat fp32 by this much: below it, timing noise could decide
-PROBE_BATCH_CAP = 64  # images per probe step: keeps a slow bf16 path to about a second a step
+# images per probe step: the worker's own batch, since bf16's gain depends on it (a probe at
+# 64 chose bf16 for a batch of 256 that fp32 trained 4% faster), capped for slow bf16 paths
+PROBE_BATCH_CAP = 512
 PROBE_BUDGET_S = 1.5  # measured time (warm-up excluded) after the minimum steps per precision
 PROBE_MIN_STEPS = 2  # measured steps per precision, whatever the budget
 PROBE_LOCK_TIMEOUT_S = 60.0  # wait this long for another worker's probe on this machine
 # In the cache key: 2 = probes take turns (the lock). Answers of version-1 probes, which could
 # run side by side and slow each other (1.09x cached where bf16 trains 1.22x faster), are
 # measured again. 3 = the probe runs the method's own forward (any method, via moco.methods).
-PROBE_VERSION = 3
+# 4 = at the worker's own batch size (it was capped at 64).
+PROBE_VERSION = 4
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")  # x86 AVX-512/AMX, aarch64 BF16
 
 

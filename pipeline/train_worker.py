@@ -9,7 +9,6 @@ inside the epoch (train.checkpoint_every_steps / _minutes) so a lost worker cost
 from __future__ import annotations
 
 import itertools
-import math
 import tempfile
 import time
 from contextlib import nullcontext
@@ -25,14 +24,14 @@ from torch.nn.parallel import DistributedDataParallel
 from webdataset.utils import make_seed
 
 from moco import Method, cosine_with_warmup, step_schedule
-from moco.augment import BatchTwoCrops, eval_transform
+from moco.augment import BatchTwoCrops
 from moco.distributed import broadcast_module, plain_state_dict
-from moco.knn import extract_features, knn_accuracy
 from pipeline.config import Params
-from pipeline.dataset import eval_loader, training_loader
+from pipeline.dataset import DecodedShards, training_loader
 from pipeline.encoder import EncoderSpec, check_warm_start, load_encoder, save_encoder
 from pipeline.errors import DivergedError
 from pipeline.method import build_augment, build_model
+from pipeline.monitor import KnnMonitor
 from pipeline.precision import ModelShape, precision_cache_path, resolve_precision
 
 STATE_FILE = "state.pt"
@@ -81,27 +80,6 @@ def _autocast(params: Params, device: torch.device):
 def _to_device(batch: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
     batch = batch.to(device, non_blocking=True)
     return batch.contiguous(memory_format=torch.channels_last) if channels_last else batch
-
-
-def knn_monitor(
-    backbone: torch.nn.Module, cfg: WorkerConfig, params: Params, device: torch.device
-) -> float:
-    """kNN top-1 of the current query backbone on small labelled subsets (cheap, every epoch)."""
-    transform = eval_transform(params.model.image_size)
-    batch = params.eval.batch_size
-
-    def features(urls: list[str], limit: int) -> tuple[torch.Tensor, torch.Tensor]:
-        batches = itertools.islice(
-            eval_loader(urls, transform=transform, batch_size=batch), math.ceil(limit / batch)
-        )
-        with _autocast(params, device):
-            return extract_features(backbone, batches)
-
-    bank, bank_labels = features(cfg.monitor_bank_urls, params.eval.monitor_bank)
-    queries, labels = features(cfg.monitor_query_urls, params.eval.monitor_queries)
-    return knn_accuracy(
-        bank, bank_labels, queries, labels, cfg.num_classes, params.eval.knn_k, params.eval.knn_t
-    )
 
 
 def _save_checkpoint(
@@ -323,6 +301,14 @@ def train_loop(config: dict[str, Any]) -> None:
     checkpointer = Checkpointer(
         model, optimizer, scheduler, params, cfg.steps_per_epoch, rank, device
     )
+    # small images: decoded in the first epoch, read from memory after it (pipeline/dataset.py)
+    in_process = t.loader_workers == 0 and t.decoded_cache_mb > 0
+    decoded = DecodedShards(t.decoded_cache_mb << 20) if in_process else None
+    monitor = None
+    if params.eval.monitor_bank and cfg.monitor_bank_urls:
+        monitor = KnnMonitor.load(
+            cfg.monitor_bank_urls, cfg.monitor_query_urls, cfg.num_classes, params, rank, world
+        )
     for epoch in range(start_epoch, t.epochs):
         # augmentations: reproducible per epoch (a fresh draw for the rest of a resumed one)
         torch.manual_seed(_fresh_seed(t.seed + 1000 * epoch + rank, start_step))
@@ -336,6 +322,8 @@ def train_loop(config: dict[str, Any]) -> None:
             seed=_fresh_seed(t.seed, start_step),
             epoch=epoch,
             loader_workers=t.loader_workers,
+            decoded=decoded,
+            pin_memory=device.type == "cuda",
         )
         metrics = _epoch(
             model,
@@ -352,7 +340,8 @@ def train_loop(config: dict[str, Any]) -> None:
         )
         start_step = 0
         metrics["precision_bf16"] = float(t.precision == "bf16")  # the run's record of auto
-        if rank == 0 and params.eval.monitor_bank and cfg.monitor_bank_urls:
-            metrics["knn_top1"] = knn_monitor(model.export_encoder(), cfg, params, device)
+        if monitor is not None:  # every rank embeds its share of the monitor's images
+            bf16 = t.precision == "bf16"
+            metrics["knn_top1"] = monitor.knn_top1(model.export_encoder(), device, bf16)
         save = epoch == t.epochs - 1 or (epoch + 1) % t.checkpoint_every == 0
         checkpointer.report(metrics, epoch, cfg.steps_per_epoch if save else None)

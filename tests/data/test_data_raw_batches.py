@@ -11,18 +11,26 @@ from data_stage_helpers import decode_index, identity_pair, write_indexed
 from PIL import Image
 
 from moco.augment import BatchMoCoAugment, BatchTwoCrops
-from pipeline.dataset import shard_urls, steps_per_epoch, training_loader
+from pipeline.dataset import (
+    DecodedShards,
+    ShardIntegrityError,
+    shard_urls,
+    steps_per_epoch,
+    training_loader,
+)
 from pipeline.shard import shard
 
 
-def _raw_epoch(urls: list[str], *, workers: int = 2, **options: object) -> list[torch.Tensor]:
+def _raw_epoch(
+    urls: list[str], *, workers: int = 2, epoch: int = 0, **options: object
+) -> list[torch.Tensor]:
     loader = training_loader(
         urls,
         transform=None,
         batch_size=4,
         shuffle_buffer=16,
         seed=0,
-        epoch=0,
+        epoch=epoch,
         loader_workers=workers,
         **options,
     )
@@ -71,3 +79,49 @@ def test_mixed_sizes_need_raw_size(tmp_path: Path, make_params) -> None:
             loader_workers=0,
             raw_size=10,
         )
+
+
+def test_decoded_shards_give_every_epoch_the_same_batches_as_decoding(
+    tmp_path: Path, make_params
+) -> None:
+    """Epoch 0 decodes and keeps the shards, later epochs read them from memory: the batches
+    are, epoch by epoch, those of a loader that decodes every time."""
+    urls = shard_urls(
+        shard(make_params(), str(write_indexed(tmp_path / "src", range(64)))).shards_dir, "train"
+    )
+    decoded = DecodedShards(max_bytes=1 << 20)
+    for epoch in range(3):
+        plain = _raw_epoch(urls, workers=0, epoch=epoch)
+        kept = _raw_epoch(urls, workers=0, epoch=epoch, decoded=decoded)
+        assert [decode_index(b) for b in kept] == [decode_index(b) for b in plain]
+        assert all(torch.equal(a, b) for a, b in zip(kept, plain, strict=True))
+        assert len(decoded) == len(urls) and decoded.bytes == 64 * 8 * 8
+    assert sorted(i for b in kept for i in decode_index(b)) == list(range(64))
+
+
+def test_decoded_shards_keep_only_what_fits_and_only_in_process(
+    tmp_path: Path, make_params
+) -> None:
+    urls = shard_urls(
+        shard(make_params(), str(write_indexed(tmp_path / "src", range(64)))).shards_dir, "train"
+    )
+    decoded = DecodedShards(max_bytes=3 * 8 * 8 * 8)  # three shards of 8 images of 8x8
+    first = _raw_epoch(urls, workers=0, decoded=decoded)
+    assert len(decoded) == 3 and decoded.bytes == 3 * 8 * 64
+    again = _raw_epoch(urls, workers=0, decoded=decoded)  # the rest stream from the tars
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    with pytest.raises(ValueError, match="loader_workers=0"):
+        _raw_epoch(urls, workers=2, decoded=decoded)
+
+
+def test_a_shard_is_kept_only_after_its_checksum_passed(tmp_path: Path, make_params) -> None:
+    root = shard(make_params(), str(write_indexed(tmp_path / "src", range(64)))).shards_dir
+    urls = shard_urls(root, "train")
+    path = Path(urls[0])
+    data = bytearray(path.read_bytes())
+    data[-600] ^= 0xFF  # in the tar's trailing padding: every sample reads, the digest differs
+    path.write_bytes(bytes(data))
+    decoded = DecodedShards(max_bytes=1 << 20)
+    with pytest.raises(ShardIntegrityError, match=path.name):
+        _raw_epoch(urls[:1], workers=0, decoded=decoded)
+    assert len(decoded) == 0
