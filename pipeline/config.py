@@ -173,6 +173,7 @@ class TrainParams(_Section):
     # With loader_workers 0: keep each shard's decoded images in the worker after its first
     # epoch, up to this many MB (0 = decode every epoch). 28-px Fashion-MNIST: 24 MB a worker.
     decoded_cache_mb: int = Field(2048, ge=0)
+    system_metrics_seconds: float = Field(10.0, ge=0.0)  # MLflow system/node<k>/... (0 = off)
     shuffle_buffer: int = Field(2000, ge=0)
     checkpoint_every: int = Field(1, ge=1)  # epochs
     # Mid-epoch checkpoints (0 = off), so a lost worker costs minutes, not the epoch: every N

@@ -54,6 +54,7 @@ from pipeline.train_worker import WorkerConfig, is_mid_epoch, train_loop
 
 LATEST_RUN_FILE = "latest-pretrain.json"  # under train.storage_path: what --resume continues
 COUNTERS = ("epoch", "epochs_done")  # in each report, but the MLflow step, not metrics
+SYSTEM_PREFIX = "system/"  # MLflow system metrics (the nodes' utilisation), not results
 
 
 @dataclass
@@ -223,6 +224,7 @@ def pretrain(
         log_dataset(params.data.shards_dir, "train-stream", version, "training")
         run_id = mlflow.active_run().info.run_id
         write_text(latest, json.dumps({"run_id": run_id}))
+    worker_config.run_id = run_id
     try:
         reporter = EpochReporter(tracking_uri(params), run_id, t.epochs)
         trainer = build_trainer(
@@ -238,7 +240,8 @@ def pretrain(
         (encoder_dir / RUN_FILE).write_text(
             json.dumps({"run_id": run_id, "model_uri": model_uri, "data_version": version})
         )
-        final_metrics = MlflowClient().get_run(run_id).data.metrics
+        logged = MlflowClient().get_run(run_id).data.metrics
+        final_metrics = {k: v for k, v in logged.items() if not k.startswith(SYSTEM_PREFIX)}
         write_training_curve(run_id, encoder_dir / CURVE_FILE)
         mlflow.log_figure(plot_training_curves(run_id), "training_curves.png")
     except BaseException as error:

@@ -9,8 +9,11 @@ inside the epoch (train.checkpoint_every_steps / _minutes) so a lost worker cost
 from __future__ import annotations
 
 import itertools
+import os
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +23,7 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
+from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from torch.nn.parallel import DistributedDataParallel
 from webdataset.utils import make_seed
 
@@ -58,6 +62,7 @@ class WorkerConfig:
     monitor_query_urls: list[str]
     num_classes: int
     steps_per_epoch: int
+    run_id: str = ""  # the MLflow run: each node's first worker logs the node's system metrics
 
 
 def lr_multiplier(params: Params, steps_per_epoch: int):
@@ -260,13 +265,53 @@ def _epoch(
     return row
 
 
+def _system_metrics(cfg: WorkerConfig, params: Params, ctx) -> Callable[[], None]:
+    """CPU, memory, disk, network (and GPU) utilisation of this worker's node, logged to the
+    run as system/node<k>/... by the node's first worker (the driver may be on another node).
+    Started in a thread (MLflow's set-up takes ~2 s the other ranks would wait for); returns
+    the stop function."""
+    seconds = params.train.system_metrics_seconds
+    if not (cfg.run_id and seconds and ctx.get_local_rank() == 0):
+        return lambda: None
+    started: list[SystemMetricsMonitor] = []
+
+    def start() -> None:
+        monitor = SystemMetricsMonitor(
+            cfg.run_id,
+            sampling_interval=seconds,
+            node_id=f"node{ctx.get_node_rank()}",
+            tracking_uri=os.environ.get("MLFLOW_TRACKING_URI"),
+        )
+        monitor.start()
+        started.append(monitor)
+
+    thread = threading.Thread(target=start, name="system-metrics", daemon=True)
+    thread.start()
+
+    def stop() -> None:
+        thread.join()
+        for monitor in started:
+            monitor.finish()
+
+    return stop
+
+
 def train_loop(config: dict[str, Any]) -> None:
     """Ray Train entry point (train_loop_per_worker)."""
     cfg = WorkerConfig(**config)
     params = Params.model_validate(cfg.params)
-    t = params.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    stop_system_metrics = _system_metrics(cfg, params, ctx)
+    try:
+        _train(cfg, params, rank, world)
+    finally:
+        stop_system_metrics()
+
+
+def _train(cfg: WorkerConfig, params: Params, rank: int, world: int) -> None:
+    """The run on this rank: set-up, resume or warm start, the epochs and their reports."""
+    t = params.train
     device = ray.train.torch.get_device()
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(t.cpus_per_worker)))

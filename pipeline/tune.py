@@ -11,7 +11,7 @@ import csv
 import io
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -139,7 +139,7 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     run_id = _child_run(setup, trial_id, {k: v for k, v in values.items() if v is not None})
     trainer = build_trainer(
         params,
-        plan(params),
+        replace(plan(params), run_id=run_id),  # the trial's nodes log system metrics there
         name=f"trial-{trial_id}",
         storage=setup.train_storage,
         # MLflow first: once Tune hears the epoch, ASHA may stop (kill) this trial at once

@@ -52,7 +52,9 @@ def test_two_workers_checkpoint_metrics_model_and_identical_queues(
 ) -> None:
     # time-based checkpoints too (0.3 s, checked every 10 steps): rank 0's clock decides for
     # both ranks, or they would hang in ray.train.report
-    result = pretrain(variant("train.checkpoint_every_minutes=0.005"))
+    result = pretrain(
+        variant("train.checkpoint_every_minutes=0.005", "train.system_metrics_seconds=0.5")
+    )
 
     kept = json.loads(Path(checkpoints(result.run_id)[-1].parent, SNAPSHOT).read_text())
     assert any("step_in_epoch" in c["metrics"] for c in kept["checkpoint_results"])
@@ -66,6 +68,10 @@ def test_two_workers_checkpoint_metrics_model_and_identical_queues(
     for name in ("loss", "lr", "images_per_s", "data_wait_fraction", "knn_top1"):
         assert [m.step for m in client.get_metric_history(result.run_id, name)] == [0, 1], name
     assert "training_curves.png" in [a.path for a in client.list_artifacts(result.run_id)]
+    # the node's utilisation, sampled by its first worker while it trained, not by the driver
+    cpu = client.get_metric_history(result.run_id, "system/node0/cpu_utilization_percentage")
+    assert all(0 <= m.value <= 100 for m in cpu) and max(m.value for m in cpu) > 0
+    assert not any(k.startswith("system/") for k in result.metrics)  # results stay results
 
     images = torch.rand(3, 1, 28, 28)
     encoder, _ = load_encoder(result.model_uri)
