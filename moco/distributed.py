@@ -56,32 +56,51 @@ def concat_all_gather(t: Tensor) -> Tensor:
     """Concatenate `t` from all ranks along dim 0 (rank order). Carries no gradient."""
     if not is_distributed():
         return t
+    return torch.cat(_all_gather(t), dim=0)
+
+
+@torch.no_grad()
+def batch_shuffle_ddp(views: list[Tensor], generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Shuffle each view's batch across all ranks: returns this rank's share of every view
+    after a permutation of all ranks' samples of that view ([V, B, ...]) and the permutations
+    ([V, world x B]) that batch_unshuffle_ddp undoes.
+
+    One all-gather brings every rank's views (the official builder gathers once per view and
+    broadcasts rank 0's permutation: 3 collectives a view where this takes 1). Every rank draws
+    the same permutations from `generator`, seeded alike on all ranks and called in lockstep."""
+    world, rank, batch = dist.get_world_size(), dist.get_rank(), views[0].shape[0]
+    gathered = _all_gather(torch.cat(views))  # per rank: its views one after the other
+    perms = torch.stack([torch.randperm(world * batch, generator=generator) for _ in views])
+    perms = perms.to(views[0].device)
+    shares = []
+    for v, perm in enumerate(perms):
+        everyone = torch.cat([g[v * batch : (v + 1) * batch] for g in gathered])
+        shares.append(everyone[perm.view(world, batch)[rank]])
+    return torch.stack(shares), perms
+
+
+@torch.no_grad()
+def batch_unshuffle_ddp(outputs: Tensor, perms: Tensor) -> tuple[Tensor, Tensor]:
+    """Undo batch_shuffle_ddp on per-sample outputs [V, B, ...]: returns this rank's rows in
+    its original order ([V, B, ...]) and every rank's ([world x V x B, ...], rank by rank, each
+    rank's views in order: what concat_all_gather of its outputs would give). One all-gather."""
+    world, rank, batch = dist.get_world_size(), dist.get_rank(), outputs.shape[1]
+    gathered = _all_gather(outputs.flatten(0, 1))
+    restored = []
+    for v, perm in enumerate(perms):
+        shuffled = torch.cat([g[v * batch : (v + 1) * batch] for g in gathered])
+        original = torch.empty_like(shuffled)
+        original[perm] = shuffled  # shuffled position j holds sample perm[j]
+        restored.append(original.view(world, batch, *original.shape[1:]))
+    by_rank = torch.stack(restored, dim=1)  # [world, V, B, ...]
+    return by_rank[rank], by_rank.flatten(0, 2)
+
+
+def _all_gather(t: Tensor) -> list[Tensor]:
     t = t.contiguous()  # gloo needs dense, contiguous tensors
     gathered = [torch.empty_like(t) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, t)
-    return torch.cat(gathered, dim=0)
-
-
-@torch.no_grad()
-def batch_shuffle_ddp(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Gather all ranks' batches, permute them (rank 0's permutation) and return this rank's share.
-
-    Returns (local shuffled batch, global index that undoes the permutation).
-    """
-    x_all = concat_all_gather(x)
-    idx_shuffle = torch.randperm(x_all.shape[0], device=x.device)
-    dist.broadcast(idx_shuffle, src=0)
-    idx_unshuffle = torch.argsort(idx_shuffle)
-    idx_this = idx_shuffle.view(dist.get_world_size(), -1)[dist.get_rank()]
-    return x_all[idx_this], idx_unshuffle
-
-
-@torch.no_grad()
-def batch_unshuffle_ddp(x: Tensor, idx_unshuffle: Tensor) -> Tensor:
-    """Undo batch_shuffle_ddp: each rank gets back the rows of its original batch, in order."""
-    x_all = concat_all_gather(x)
-    idx_this = idx_unshuffle.view(dist.get_world_size(), -1)[dist.get_rank()]
-    return x_all[idx_this]
+    return gathered
 
 
 @torch.no_grad()

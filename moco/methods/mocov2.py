@@ -21,7 +21,6 @@ from moco.distributed import (
     batch_shuffle_single,
     batch_unshuffle_ddp,
     batch_unshuffle_single,
-    concat_all_gather,
     is_distributed,
     unwrap,
 )
@@ -76,6 +75,8 @@ class MoCoV2(Method):
         self.momentum = cfg.momentum
         self.temperature = cfg.temperature
         self.symmetric = cfg.symmetric
+        # shuffle BN's permutations: the same draws on every rank (seeded alike, used in step)
+        self._shuffle_generator = torch.Generator().manual_seed(0)
 
     def on_step(self, progress: float) -> None:
         if self.cfg.momentum_schedule == "cosine":
@@ -108,16 +109,22 @@ class MoCoV2(Method):
         )
 
     @torch.no_grad()
-    def keys(self, im_k: Tensor) -> Tensor:
-        """Normalised float32 keys (the queue's dtype), computed on a shuffled batch so BN
-        statistics cannot tell the model which key belongs to which query."""
-        if is_distributed():
-            shuffle, unshuffle = batch_shuffle_ddp, batch_unshuffle_ddp
-        else:
-            shuffle, unshuffle = batch_shuffle_single, batch_unshuffle_single
-        im_k, idx_unshuffle = shuffle(im_k)
-        k = F.normalize(self.encoder_k(im_k).float(), dim=1)
-        return unshuffle(k, idx_unshuffle)
+    def keys(self, *views: Tensor) -> tuple[Tensor, Tensor]:
+        """Normalised float32 keys (the queue's dtype) of each view, [V, B, D], each view's
+        computed on a batch shuffled across ranks so BN statistics cannot tell the model which
+        key belongs to which query; and every rank's keys, which the queue takes. Across ranks
+        this is two collectives a step, whatever the number of views."""
+        if not is_distributed():
+            keys = []
+            for im_k in views:
+                shuffled, idx_unshuffle = batch_shuffle_single(im_k)
+                k = F.normalize(self.encoder_k(shuffled).float(), dim=1)
+                keys.append(batch_unshuffle_single(k, idx_unshuffle))
+            local = torch.stack(keys)
+            return local, local.flatten(0, 1)
+        shares, perms = batch_shuffle_ddp(list(views), self._shuffle_generator)
+        keys = [F.normalize(self.encoder_k(share).float(), dim=1) for share in shares]
+        return batch_unshuffle_ddp(torch.stack(keys), perms)
 
     def queries(self, im_q: Tensor) -> Tensor:
         """Normalised queries; the only path gradients flow through."""
@@ -128,25 +135,24 @@ class MoCoV2(Method):
         tensor saved for backward."""
         return info_nce(q, k, self.queue.keys.clone().detach(), self.temperature)
 
-    def enqueue(self, k: Tensor) -> None:
-        """Enqueue every rank's keys, so each rank's queue stays identical."""
-        self.queue.enqueue(concat_all_gather(k))
+    def enqueue(self, keys: Tensor) -> None:
+        """Enqueue every rank's keys (from keys()), so each rank's queue stays identical."""
+        self.queue.enqueue(keys)
 
     def forward(self, view1: Tensor, view2: Tensor) -> MoCoV2Output:  # type: ignore[override]
         """One MoCo step on two views; updates the key encoder and the queue as a side effect."""
         self.momentum_update()
         if not self.symmetric:
-            k = self.keys(view2)
-            loss, logits = self.contrast(self.queries(view1), k)
+            k, everyone = self.keys(view2)
+            loss, logits = self.contrast(self.queries(view1), k[0])
         else:  # each view is a query for the other's key
-            k1, k2 = self.keys(view1), self.keys(view2)
-            loss_12, logits_12 = self.contrast(self.queries(view1), k2)
-            loss_21, logits_21 = self.contrast(self.queries(view2), k1)
+            k, everyone = self.keys(view1, view2)
+            loss_12, logits_12 = self.contrast(self.queries(view1), k[1])
+            loss_21, logits_21 = self.contrast(self.queries(view2), k[0])
             loss, logits = 0.5 * (loss_12 + loss_21), torch.cat([logits_12, logits_21])
-            k = torch.cat([k1, k2])
-        self.enqueue(k)
+        self.enqueue(everyone)
         labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
-        return MoCoV2Output(loss, logits, labels, k)
+        return MoCoV2Output(loss, logits, labels, k.flatten(0, 1))
 
     def export_encoder(self) -> nn.Module:
         """A standalone copy of the query backbone (no head, no DDP) in eval mode, for

@@ -114,13 +114,21 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
     )
     try:
-        x = torch.arange(BATCH * 3.0).view(BATCH, 3) + 100 * rank  # distinct rows per rank
-        shuffled, idx = batch_shuffle_ddp(x)
-        assert torch.equal(batch_unshuffle_ddp(shuffled, idx), x)
-        everything = concat_all_gather(x)
-        assert torch.equal(everything[rank * BATCH : (rank + 1) * BATCH], x)
-        rows = concat_all_gather(shuffled)[:, 0].tolist()
-        assert sorted(rows) == sorted(everything[:, 0].tolist())
+        # two views of distinct rows per rank; a different generator seed draws other
+        # permutations, the same seed the same ones on both ranks
+        views = [torch.arange(BATCH * 3.0).view(BATCH, 3) + 100 * rank + 1000 * v for v in (0, 1)]
+        shares, perms = batch_shuffle_ddp(views, torch.Generator().manual_seed(7))
+        assert torch.equal(concat_all_gather(perms[None])[0], concat_all_gather(perms[None])[1])
+        assert not torch.equal(perms[0], perms[1])  # each view its own permutation
+        local, everyone = batch_unshuffle_ddp(shares, perms)
+        assert torch.equal(local, torch.stack(views))  # back in this rank's order
+        assert torch.equal(everyone, concat_all_gather(torch.cat(views)))
+        for v in (0, 1):
+            everything = concat_all_gather(views[v])
+            assert torch.equal(everything[rank * BATCH : (rank + 1) * BATCH], views[v])
+            rows = concat_all_gather(shares[v])[:, 0].tolist()
+            assert sorted(rows) == sorted(everything[:, 0].tolist())  # a permutation of all
+            assert rows != everything[:, 0].tolist()  # ... across ranks, not the identity
 
         results = {sym: _ddp_steps(rank, sym) for sym in (False, True)}  # symmetric in bf16
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
