@@ -259,6 +259,7 @@ def _epoch(
         **model.epoch_metrics(),
         "images_per_s": steps * t.global_batch / elapsed,
         "data_wait_fraction": wait / elapsed,
+        "precision_bf16": float(t.precision == "bf16"),  # the run's record of what auto chose
     }
     if start_step:  # the run's record that a lost worker was survived inside this epoch
         row["resumed_at_step"] = start_step
@@ -384,7 +385,6 @@ def _train(cfg: WorkerConfig, params: Params, rank: int, world: int) -> None:
             checkpointer,
         )
         start_step = 0
-        metrics["precision_bf16"] = float(t.precision == "bf16")  # the run's record of auto
         if monitor is not None:  # every rank embeds its share of the monitor's images
             bf16 = t.precision == "bf16"
             metrics["knn_top1"] = monitor.knn_top1(model.export_encoder(), device, bf16)

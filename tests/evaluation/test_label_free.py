@@ -80,10 +80,11 @@ def test_agreement_identical_is_one_and_unrelated_near_chance() -> None:
     assert unrelated < 0.2  # chance is k / (N - 1) = 0.05
 
 
-def test_agreement_matches_a_direct_count() -> None:
+@pytest.mark.parametrize("k", [5, 25])  # 25 of 39: past the neighbours of positive cosine
+def test_agreement_matches_a_direct_count(k: int) -> None:
     a, b = _sphere(40, 4, 9), _sphere(40, 4, 10)
     a_np, b_np = a.numpy(), b.numpy()
-    k, shared = 5, []
+    shared = []
     for i in range(len(a_np)):
         near = [set(np.argsort(-(x @ x[i]))[1 : k + 1]) for x in (a_np, b_np)]  # self first
         shared.append(len(near[0] & near[1]) / k)

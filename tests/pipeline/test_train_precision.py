@@ -66,4 +66,5 @@ def test_the_training_step_runs_in_the_resolved_precision(
             NoCheckpoints(),
         )
     assert seen and set(seen) == {(precision == "bf16", dtype)}
+    assert row["precision_bf16"] == float(precision == "bf16")  # what MLflow records
     assert row["loss"] > 0
