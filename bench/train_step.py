@@ -16,6 +16,7 @@ means something on a shared machine. `auto` is resolved exactly as a worker reso
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import resource
@@ -32,7 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from moco import MoCoV2
 from moco.augment import BatchTwoCrops
 from pipeline.config import Params, load_params, with_overrides
-from pipeline.dataset import shard_urls, training_loader
+from pipeline.dataset import DecodedShards, shard_urls, training_loader
 from pipeline.method import build_augment, build_model
 from pipeline.precision import ModelShape, Resolution, resolve_precision
 from pipeline.shard import shard
@@ -139,6 +140,11 @@ def parse_args() -> argparse.Namespace:
         "--stem-stride", type=int, choices=[1, 2], default=None, help="model.stem_stride"
     )
     parser.add_argument("--shards", default=None, help="existing shards dir (else a temp subset)")
+    parser.add_argument(
+        "--decoded",
+        action="store_true",
+        help="read images decoded once (DecodedShards, as workers do after epoch 1), not PNGs",
+    )
     return parser.parse_args()
 
 
@@ -169,16 +175,22 @@ def main() -> None:
     if args.shards is None:
         data = {"data.shards_dir": shards_dir, "data.train_limit": needed, "data.test_limit": 10}
         shard(with_overrides(params, data))
-    batches = training_loader(
-        shard_urls(shards_dir, "train"),
+    urls = shard_urls(shards_dir, "train")
+    loader = functools.partial(
+        training_loader,
+        urls,
         transform=None,  # raw uint8 batches, augmented as a batch like the Ray workers do
         raw_size=m.image_size,
         batch_size=t.batch_size,
         shuffle_buffer=1000,
         seed=0,
-        epoch=0,
         loader_workers=args.workers,
     )
+    decoded = DecodedShards(t.decoded_cache_mb << 20) if args.decoded else None
+    if decoded is not None:
+        for _ in loader(epoch=0, decoded=decoded):  # one decoding pass fills it
+            pass
+    batches = loader(epoch=1, decoded=decoded)
     model = build_model(params, world_size=1)
     memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
@@ -237,6 +249,7 @@ def main() -> None:
             "probe_bf16_speedup": resolution.speedup,
             "threads": args.threads,
             "workers": args.workers,
+            "decoded": args.decoded,
             "measured_side_by_side": requested,
             "images_per_s": round(t.batch_size / step_median, 1),
             "s_per_step_median": round(step_median, 4),
