@@ -108,6 +108,9 @@ def test_sweep_flow_retrains_the_best_config_outside_the_dvc_outputs(
         "tune.num_samples=2",
         "tune.epochs=1",
         "tune.space.method.queue_size={type: choice, values: [256, 512]}",
+        # one sweep compares methods: with this seed the two trials draw one method each
+        "tune.space.method.name={type: choice, values: [mocov2, mocov3]}",
+        "tune.seed=0",
     ]
     params = load_params("params.yaml", overrides)
     dump_params(params, "sweep.yaml")  # the flow takes a params file
@@ -123,7 +126,11 @@ def test_sweep_flow_retrains_the_best_config_outside_the_dvc_outputs(
     version = client.get_model_version("moco-encoder", decision["version"])
     assert version.run_id == run_id
     run = client.get_run(run_id)
-    best_values = load_params(params.tune.best_params_file).method.queue_size
-    assert int(run.data.params["method.queue_size"]) == best_values
+    with Path("runs/tune/flow/trials.csv").open() as handle:
+        trials = list(csv.DictReader(handle))
+    assert sorted(t["method.name"] for t in trials) == ["mocov2", "mocov3"]
+    best = load_params(params.tune.best_params_file).method
+    assert run.data.params["method.name"] == best.name
+    assert float(run.data.params["method.temperature"]) == pytest.approx(best.temperature)
     assert "eval_knn_top1" in run.data.metrics
     assert not Path("models/encoder").exists() and not Path("metrics.json").exists()
