@@ -4,8 +4,11 @@ of a node mid-epoch, and a 2-trial sweep."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -118,9 +121,27 @@ def test_pretrain_survives_losing_a_node_mid_epoch(
     assert ptrs[1] == steps * per_step % 1000
 
 
+def _train_workers(cluster: TwoNodeCluster, env: dict[str, str]) -> list[dict]:
+    """Every Ray Train worker actor the cluster has held (dead ones too), from its state API."""
+    listed = subprocess.run(
+        [
+            *(RAY, "list", "actors", f"--address={cluster.dashboard}", "--format=json"),
+            *("--detail", "--filter=class_name=RayTrainWorker", "--limit=1000"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    # with none, the CLI prints a sentence, not an empty list
+    return [] if listed.stdout.startswith("No resource") else json.loads(listed.stdout)
+
+
 def test_pretrain_as_a_ray_job(two_nodes: TwoNodeCluster, project: Path, on_s3: list[str]) -> None:
     settings = [*on_s3, "train.epochs=1"]
     env = _env(two_nodes, project)
+    before = {actor["actor_id"] for actor in _train_workers(two_nodes, env)}
     tracking = env["MLFLOW_TRACKING_URI"]
     command = f"cd {project} && MLFLOW_TRACKING_URI={tracking} {MOCOPIPE} pretrain " + " ".join(
         _sets(settings)
@@ -145,7 +166,10 @@ def test_pretrain_as_a_ray_job(two_nodes: TwoNodeCluster, project: Path, on_s3: 
     client = MlflowClient(tracking)
     speed = client.get_metric_history(run_id, "images_per_s")[-1].value
     print(f"Ray Job on 2 nodes: {time.monotonic() - started:.0f} s, {speed:.0f} images/s")
-    assert os.environ.get("RAY_AUTH_TOKEN_PATH") is None  # the test process never joined
+    # Ray's own record of where the job's training workers ran: one on each node
+    workers = {a["actor_id"]: a["node_id"] for a in _train_workers(two_nodes, env)}
+    placed = [node for actor, node in workers.items() if actor not in before]
+    assert len(placed) == 2 and len(set(placed)) == 2, placed
     token = Path(two_nodes.env["RAY_AUTH_TOKEN_PATH"]).read_text()
     assert token not in job.stdout + job.stderr
 
@@ -166,7 +190,9 @@ def test_a_two_trial_sweep_with_its_storage_on_s3(
         "tune.space.method.queue_size={type: choice, values: [256, 512]}",
     ]
     env = _env(two_nodes, project)
+    fs = fsspec.filesystem("s3")
     started = time.monotonic()
+    passes = []
     for extra in ([], ["--resume"]):  # the resume finds the finished sweep in the bucket
         sweep = subprocess.run(
             [MOCOPIPE, "tune", *_sets(settings), *extra],
@@ -178,11 +204,25 @@ def test_a_two_trial_sweep_with_its_storage_on_s3(
             check=False,
         )
         assert sweep.returncode == 0, sweep.stdout[-3000:] + sweep.stderr[-3000:]
+        fs.invalidate_cache()
+        parent = re.search(r"MLflow parent run (\w+)", sweep.stdout)
+        assert parent, sweep.stdout[-3000:]
+        trials = fs.cat(f"{tune_storage}/tiny/trials.csv").decode()
+        passes.append((parent.group(1), list(csv.DictReader(io.StringIO(trials)))))
     print(f"2-trial sweep on 2 nodes + resume: {time.monotonic() - started:.0f} s")
 
-    fs = fsspec.filesystem("s3")
-    rows = fs.cat(f"{tune_storage}/tiny/trials.csv").decode().splitlines()
-    assert len(rows) == 3 and "stop_reason" in rows[0]
+    (parent, rows), (resumed_parent, resumed_rows) = passes
+    assert len(rows) == 2 and all(row["stop_reason"] for row in rows)
+    # restored, not run again: the same parent run and the same trials (a new sweep would have
+    # new trial ids) and no third child run
+    assert resumed_parent == parent
+    assert sorted(r["trial_id"] for r in resumed_rows) == sorted(r["trial_id"] for r in rows)
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    experiment = client.get_run(parent).info.experiment_id
+    children = client.search_runs(
+        [experiment], filter_string=f"tags.mlflow.parentRunId = '{parent}'"
+    )
+    assert len(children) == 2
     assert fs.glob(f"{tune_storage}/tiny/train/trial-*/checkpoint_*")
     assert json.loads(fs.cat(f"{tune_storage}/latest-sweep.json"))["name"] == "tiny"
     assert (project / "tune" / "best.yaml").exists()
