@@ -184,12 +184,12 @@ def test_a_two_trial_sweep_with_its_storage_on_s3(
         "tune.name=tiny",
         "tune.num_samples=2",
         "tune.epochs=1",
-        # one DDP worker per trial: with two, trial 2's workers were never placed on this
-        # cluster (see the report; the worker-group timeout now fails such a run)
-        "tune.workers_per_trial=1",
+        # two DDP workers per trial on 1-CPU nodes: each trial spans both nodes
+        "tune.workers_per_trial=2",
         "tune.space.method.queue_size={type: choice, values: [256, 512]}",
     ]
     env = _env(two_nodes, project)
+    before = {actor["actor_id"] for actor in _train_workers(two_nodes, env)}
     fs = fsspec.filesystem("s3")
     started = time.monotonic()
     passes = []
@@ -212,6 +212,14 @@ def test_a_two_trial_sweep_with_its_storage_on_s3(
     print(f"2-trial sweep on 2 nodes + resume: {time.monotonic() - started:.0f} s")
 
     (parent, rows), (resumed_parent, resumed_rows) = passes
+    # Ray's record of the trials' workers: each trial's placement group held two workers, one
+    # on each node (and the resumed pass started none)
+    trials: dict[str, list[str]] = {}
+    for actor in _train_workers(two_nodes, env):
+        if actor["actor_id"] not in before:
+            trials.setdefault(actor["placement_group_id"], []).append(actor["node_id"])
+    assert len(trials) == 2, trials
+    assert all(len(nodes) == 2 and len(set(nodes)) == 2 for nodes in trials.values()), trials
     assert len(rows) == 2 and all(row["stop_reason"] for row in rows)
     # restored, not run again: the same parent run and the same trials (a new sweep would have
     # new trial ids) and no third child run
