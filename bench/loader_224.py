@@ -2,8 +2,10 @@
 own path (a folder source sharded by `pipeline.shard`, read by the workers' training loader:
 decode, resize the shorter side and centre-crop to `model.image_size`, one uint8 batch; the
 crops, flips and colour jitter run batched on the device), in images per CPU-second of the
-process and its loader children. `params-gpu.yaml`'s `train.cpus_per_worker` follows from it:
-the GPU's training rate divided by this.
+process. `params-gpu.yaml`'s `train.cpus_per_worker` follows from it: the GPU's training rate
+divided by this. Measured twice: decoded on the CPU (a CPU worker, or a GPU worker without
+train.gpu_decode) and with train.gpu_decode's loader, which passes each JPEG's bytes for the GPU
+to decode (nvJPEG; that side needs a GPU and is not measured here).
 
     .venv/bin/python bench/loader_224.py [--images 600] [--batches 8]
 
@@ -41,6 +43,38 @@ def write_jpegs(fashion_mnist_dir: str, folder: Path, count: int) -> None:
         big.save(folder / f"{i:05d}.jpg", quality=90)
 
 
+def loader_rate(
+    urls: list[str], args: argparse.Namespace, size: int, encoded: bool
+) -> dict[str, float]:
+    """The training loader's rate in this process: decoded uint8 batches as a CPU worker reads
+    them, or (`encoded`, train.gpu_decode on a CUDA worker) the images' bytes only."""
+    batches = iter(
+        training_loader(
+            urls,
+            transform=None,
+            raw_size=size,
+            batch_size=args.batch_size,
+            shuffle_buffer=0,
+            seed=0,
+            epoch=0,
+            loader_workers=0,  # in this process: its CPU time is the loader's
+            resampled=True,  # round and round the shards: exactly the batches asked
+            steps=args.batches + 1,
+            encoded=encoded,
+        )
+    )
+    next(batches)  # start-up (first shard) is not the rate
+    cpu, wall, count = time.process_time(), time.perf_counter(), 0
+    for _ in range(args.batches):
+        count += len(next(batches))
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    return {
+        "images_per_s": round(count / wall, 1),
+        "images_per_cpu_s": round(count / cpu, 1),
+        "ms_per_image_cpu": round(cpu / count * 1e3, 3),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=600)
@@ -55,36 +89,17 @@ def main() -> None:
         params = load_params("params-gpu.yaml", [*overrides, "data.holdout_percent=0"])
         write_jpegs(params.data.fashion_mnist_dir, images, args.images)
         shard(params)
-        batches = iter(
-            training_loader(
-                shard_urls(shards, "train"),
-                transform=None,
-                raw_size=params.model.image_size,
-                batch_size=args.batch_size,
-                shuffle_buffer=0,
-                seed=0,
-                epoch=0,
-                loader_workers=0,  # in this process: its CPU time is the loader's
-                resampled=True,  # round and round the shards: exactly the batches asked
-                steps=args.batches + 1,
-            )
+        urls = shard_urls(shards, "train")
+        result = {"image_size": params.model.image_size, "batch_size": args.batch_size}
+        for label, encoded in (("decoded", False), ("encoded", True)):
+            rate = loader_rate(urls, args, params.model.image_size, encoded)
+            result |= {f"{label}_{key}": value for key, value in rate.items()}
+    for label, what in (("decoded", "decoded, resized"), ("encoded", "bytes only (gpu_decode)")):
+        print(
+            f"224-px JPEG -> batch, {what}, on one core: {result[f'{label}_images_per_s']} "
+            f"images/s ({result[f'{label}_images_per_cpu_s']} per CPU-second, "
+            f"{result[f'{label}_ms_per_image_cpu']} ms each)"
         )
-        next(batches)  # start-up (first shard) is not the rate
-        cpu, wall, count = time.process_time(), time.perf_counter(), 0
-        for _ in range(args.batches):
-            count += len(next(batches))
-        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    result = {
-        "image_size": params.model.image_size,
-        "batch_size": args.batch_size,
-        "images_per_s": round(count / wall, 1),
-        "images_per_cpu_s": round(count / cpu, 1),
-        "ms_per_image_cpu": round(cpu / count * 1e3, 2),
-    }
-    print(
-        f"224-px JPEG -> uint8 batch on one core: {result['images_per_s']} images/s "
-        f"({result['images_per_cpu_s']} per CPU-second, {result['ms_per_image_cpu']} ms each)"
-    )
     print(json.dumps(result))
 
 

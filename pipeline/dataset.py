@@ -20,7 +20,9 @@ Why it is built this way:
   each shard's decoded uint8 images in the training process (`DecodedShards`, bounded by
   train.decoded_cache_mb). Reading a 28-px sample out of a tar and decoding its PNG costs ~160 us
   on one core, ~15% of a CPU worker's step; from memory it costs nothing. Large images (224-px
-  JPEGs) do not fit: they stream, decoded in loader processes off the training thread.
+  JPEGs) do not fit: they stream, decoded in loader processes off the training thread, or, on
+  GPU workers (`encoded=True`, train.gpu_decode), not decoded by the loader at all: it passes
+  each JPEG's bytes and `decode_batch` decodes the batch's JPEGs on the GPU (nvJPEG).
 """
 
 from __future__ import annotations
@@ -43,12 +45,14 @@ import webdataset as wds
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, get_worker_info
+from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as TF
 from webdataset.gopen import gopen
 from webdataset.tariterators import group_by_keys, tar_file_expander
 from webdataset.utils import make_seed
 
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
+JPEG_MAGIC = b"\xff\xd8"  # a JPEG's first two bytes (SOI), whatever its member's name
 _READ_KEYS = frozenset((*IMAGE_KEYS, "cls", "json"))
 _NATIVE_SCHEMES = ("", "pipe")  # everything else goes through fsspec
 NO_LABEL = -1
@@ -147,8 +151,9 @@ def training_loader(
     resampled: bool = False,
     raw_size: int | None = None,
     decoded: DecodedShards | None = None,
+    encoded: bool = False,
     pin_memory: bool = False,
-) -> Iterable[tuple[Tensor, Tensor]] | Iterable[Tensor]:
+) -> Iterable[tuple[Tensor, Tensor]] | Iterable[Tensor] | Iterable[list[Tensor]]:
     """(view_q, view_k) batches [B, C, H, W] for this rank; same (seed, epoch), same order.
 
     `transform=None` yields the unaugmented uint8 images instead, one [B, C, H, W] tensor per
@@ -163,11 +168,15 @@ def training_loader(
 
     `decoded` (raw batches, in-process loading only) serves shards decoded in an earlier epoch
     from memory and keeps the ones decoded now; the batches are the same as without it.
+    `encoded` (raw batches) yields each batch as a list: each JPEG's bytes (a 1-D uint8 tensor)
+    for `decode_batch` to decode on the training device, other images decoded as usual.
     `pin_memory` pins batches for asynchronous copies to a GPU."""
     if resampled and steps is None:
         raise ValueError("training_loader(resampled=True) streams forever: pass steps=")
-    if transform is not None and (raw_size is not None or decoded is not None):
-        raise ValueError("raw_size and decoded apply to raw batches only (transform=None)")
+    if transform is not None and (raw_size is not None or decoded is not None or encoded):
+        raise ValueError("raw_size, decoded and encoded apply to raw batches only (transform=None)")
+    if encoded and decoded is not None:
+        raise ValueError("encoded batches are decoded by decode_batch: pass decoded=None")
     if decoded is not None and loader_workers > 0:
         raise ValueError(
             "decoded shards live in the training process: use them with loader_workers=0 "
@@ -192,6 +201,9 @@ def training_loader(
     if transform is not None:
         samples, views = [_tar_samples], [wds.map(partial(_two_views, transform=transform))]
         batch = wds.batched(batch_size, collation_fn=_collate, partial=False)
+    elif encoded:
+        samples, views = [_tar_samples], [wds.map(partial(_jpeg_bytes_or_image, size=raw_size))]
+        batch = wds.batched(batch_size, collation_fn=list, partial=False)
     elif decoded is not None:  # decoded before the shuffle buffer: it then holds images
         samples, views = [partial(_decoded_images, size=raw_size, decoded=decoded)], []
         batch = wds.batched(batch_size, collation_fn=_stack_raw, partial=False)
@@ -418,11 +430,38 @@ def decode_image(data: bytes) -> Tensor:
     return tensor.unsqueeze(0) if tensor.ndim == 2 else tensor.permute(2, 0, 1).contiguous()
 
 
-def _image(sample: dict[str, Any]) -> Tensor:
+def decode_batch(batch: list[Tensor], size: int, channels: int, device: torch.device) -> Tensor:
+    """An encoded batch (training_loader's `encoded`) -> one uint8 [B, C, size, size] batch on
+    `device`: its JPEGs decoded there in one torchvision decode_jpeg call (nvJPEG on CUDA), then
+    resized and centre-cropped like `raw_size`; the loader's already decoded images copied."""
+    mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
+    jpegs = [i for i, item in enumerate(batch) if item.ndim == 1]
+    images = [item.to(device, non_blocking=True) for item in batch]
+    if jpegs:
+        decoded = decode_jpeg([batch[i] for i in jpegs], mode=mode, device=device)
+        for i, image in zip(jpegs, decoded, strict=True):
+            images[i] = _square(image, size)
+    return torch.stack(images)
+
+
+def _jpeg_bytes_or_image(sample: dict[str, Any], *, size: int | None) -> Tensor:
+    """A JPEG's bytes as a 1-D uint8 tensor (decode_batch decodes it on the device); any other
+    image decoded here, as _raw_image does (torchvision decodes only JPEGs on a GPU)."""
+    data = sample[_image_key(sample)]
+    if data[:2] == JPEG_MAGIC:
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    return _raw_image(sample, size=size)
+
+
+def _image_key(sample: dict[str, Any]) -> str:
     for key in IMAGE_KEYS:
         if key in sample:
-            return decode_image(sample[key])
+            return key
     raise ValueError(f"sample {sample.get('__key__')} in {sample.get('__url__')} has no image")
+
+
+def _image(sample: dict[str, Any]) -> Tensor:
+    return decode_image(sample[_image_key(sample)])
 
 
 def _label(sample: dict[str, Any]) -> int:
@@ -437,7 +476,12 @@ def _two_views(sample: dict[str, Any], *, transform: Callable) -> tuple[Tensor, 
 def _raw_image(sample: dict[str, Any], *, size: int | None) -> Tensor:
     """The decoded uint8 image, made size x size when a size is given (aspect ratio kept)."""
     image = _image(sample)
-    if size is None or image.shape[-2:] == (size, size):
+    return image if size is None else _square(image, size)
+
+
+def _square(image: Tensor, size: int) -> Tensor:
+    """The shorter side resized to `size`, then centre-cropped square (a no-op at that size)."""
+    if image.shape[-2:] == (size, size):
         return image
     return TF.center_crop(TF.resize(image, size, antialias=True), [size, size])
 

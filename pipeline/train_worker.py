@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ from moco import Method, cosine_with_warmup, step_schedule
 from moco.augment import BatchTwoCrops
 from moco.distributed import broadcast_module, plain_state_dict
 from pipeline.config import Params
-from pipeline.dataset import DecodedShards, training_loader
+from pipeline.dataset import DecodedShards, decode_batch, training_loader
 from pipeline.encoder import EncoderSpec, check_warm_start, load_encoder, save_encoder
 from pipeline.errors import DivergedError
 from pipeline.method import build_augment, build_model
@@ -213,7 +214,7 @@ def _warm_start(model: Method, params: Params, location: str) -> None:
 def _epoch(
     model: Method,
     batches,
-    two_crops: BatchTwoCrops,
+    views: Callable[[Any], tuple[torch.Tensor, torch.Tensor]],
     optimizer,
     scheduler,
     params: Params,
@@ -232,7 +233,7 @@ def _epoch(
     fetched = started
     for step, images in enumerate(itertools.islice(batches, steps), start=start_step):
         wait += time.perf_counter() - fetched
-        im_q, im_k = two_crops(images.to(device, non_blocking=True))  # augmented on the device
+        im_q, im_k = views(images)  # augmented on the device
         model.on_step((epoch * cfg.steps_per_epoch + step) / total_steps)
         with _autocast(params, device):
             loss = model(
@@ -264,6 +265,24 @@ def _epoch(
     if start_step:  # the run's record that a lost worker was survived inside this epoch
         row["resumed_at_step"] = start_step
     return row
+
+
+def decodes_on_device(params: Params, device: torch.device) -> bool:
+    """train.gpu_decode on a CUDA worker: the loader passes encoded images, the GPU decodes."""
+    return params.train.gpu_decode and device.type == "cuda"
+
+
+def views_on_device(
+    params: Params, device: torch.device
+) -> Callable[[Any], tuple[torch.Tensor, torch.Tensor]]:
+    """The loader's batch -> the two augmented views on the device: uint8 images copied there,
+    or (decodes_on_device) the batch's encoded images decoded there."""
+    two_crops = BatchTwoCrops(build_augment(params))
+    if decodes_on_device(params, device):
+        m = params.model
+        decode = partial(decode_batch, size=m.image_size, channels=m.in_channels, device=device)
+        return lambda encoded: two_crops(decode(encoded))
+    return lambda images: two_crops(images.to(device, non_blocking=True))
 
 
 def _system_metrics(cfg: WorkerConfig, params: Params, ctx) -> Callable[[], None]:
@@ -343,12 +362,13 @@ def _train(cfg: WorkerConfig, params: Params, rank: int, world: int) -> None:
     if t.compile:
         model.ddp_wrap(torch.compile)
 
-    two_crops = BatchTwoCrops(build_augment(params))
+    views = views_on_device(params, device)
     checkpointer = Checkpointer(
         model, optimizer, scheduler, params, cfg.steps_per_epoch, rank, device
     )
     # small images: decoded in the first epoch, read from memory after it (pipeline/dataset.py)
-    in_process = t.loader_workers == 0 and t.decoded_cache_mb > 0
+    encoded = decodes_on_device(params, device)
+    in_process = t.loader_workers == 0 and t.decoded_cache_mb > 0 and not encoded
     decoded = DecodedShards(t.decoded_cache_mb << 20) if in_process else None
     monitor = None
     if params.eval.monitor_bank and cfg.monitor_bank_urls:
@@ -369,12 +389,13 @@ def _train(cfg: WorkerConfig, params: Params, rank: int, world: int) -> None:
             epoch=epoch,
             loader_workers=t.loader_workers,
             decoded=decoded,
+            encoded=encoded,  # then decoded on the GPU by `views`
             pin_memory=device.type == "cuda",
         )
         metrics = _epoch(
             model,
             batches,
-            two_crops,
+            views,
             optimizer,
             scheduler,
             params,
