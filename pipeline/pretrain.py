@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -195,11 +196,13 @@ def pretrain(
     check_endpoints(params)  # and ensure_ray checks the Ray address, before Ray starts
     worker_config = plan(params)
     t = params.train
-    check_resources(ensure_ray(address), t.num_workers, t.cpus_per_worker, t.use_gpu)
+    with ThreadPoolExecutor(1) as pool:  # a fresh MLflow store's set-up overlaps Ray's start
+        experiment = pool.submit(setup_mlflow, params)
+        check_resources(ensure_ray(address), t.num_workers, t.cpus_per_worker, t.use_gpu)
+        experiment_id = experiment.result()
     storage = resolved(t.storage_path)  # a local folder or s3://... (every node reaches it)
     latest = join(storage, LATEST_RUN_FILE)
 
-    experiment_id = setup_mlflow(params)
     version = data_version(params.data.shards_dir)
     if resume:
         if (record := read_text(latest)) is None:
