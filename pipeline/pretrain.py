@@ -11,7 +11,6 @@ import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import mlflow
 from mlflow.exceptions import MlflowException
@@ -36,6 +35,7 @@ from pipeline.encoder import (
     check_warm_start,
     read_spec,
 )
+from pipeline.epoch_reports import COUNTERS, EpochReporter
 from pipeline.errors import StageError
 from pipeline.plots import CURVE_FILE, plot_training_curves, write_training_curve
 from pipeline.preflight import check_endpoints
@@ -51,10 +51,9 @@ from pipeline.tracking import (
     setup_mlflow,
     tracking_uri,
 )
-from pipeline.train_worker import WorkerConfig, is_mid_epoch, train_loop
+from pipeline.train_worker import WorkerConfig, train_loop
 
 LATEST_RUN_FILE = "latest-pretrain.json"  # under train.storage_path: what --resume continues
-COUNTERS = ("epoch", "epochs_done")  # in each report, but the MLflow step, not metrics
 SYSTEM_PREFIX = "system/"  # MLflow system metrics (the nodes' utilisation), not results
 
 
@@ -69,26 +68,6 @@ class PretrainResult:
     def render(self) -> str:
         shown = ", ".join(f"{k}={v:.4g}" for k, v in self.metrics.items() if k not in COUNTERS)
         return f"pretrain: run {self.run_id} ({shown})\n  model: {self.model_uri}"
-
-
-class EpochReporter(UserCallback):
-    """Runs in Ray Train's controller: one progress line and MLflow metrics per epoch."""
-
-    def __init__(self, tracking: str, run_id: str, epochs: int, label: str = "pretrain") -> None:
-        self.tracking, self.run_id, self.epochs, self.label = tracking, run_id, epochs, label
-
-    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
-        row = metrics[0]  # rank 0 holds the kNN monitor
-        if is_mid_epoch(row):  # a checkpoint inside the epoch: no metrics yet
-            return
-        epoch = int(row["epoch"])
-        values = {k: float(v) for k, v in row.items() if k not in COUNTERS}
-        MlflowClient(self.tracking).log_batch(
-            self.run_id,
-            metrics=[mlflow.entities.Metric(k, v, 0, epoch) for k, v in values.items()],
-        )
-        shown = "  ".join(f"{k} {v:.4g}" for k, v in values.items())
-        print(f"[{self.label}] epoch {epoch + 1}/{self.epochs}  {shown}", flush=True)
 
 
 def plan(params: Params) -> WorkerConfig:

@@ -34,6 +34,7 @@ from moco.distributed import broadcast_module, plain_state_dict
 from pipeline.config import Params
 from pipeline.dataset import DecodedShards, decode_batch, training_loader
 from pipeline.encoder import EncoderSpec, check_warm_start, load_encoder, save_encoder
+from pipeline.epoch_reports import STEP_KEY
 from pipeline.errors import DivergedError
 from pipeline.method import build_augment, build_model
 from pipeline.monitor import KnnMonitor
@@ -42,15 +43,9 @@ from pipeline.precision import ModelShape, precision_cache_path, resolve_precisi
 STATE_FILE = "state.pt"
 # each rank's Method.extra_state() (MoCo v2: its queue, so the ranks' queues can be compared)
 EXTRA_FILE = "extra-rank{rank}.pt"
-STEP_KEY = "step_in_epoch"  # only in a mid-epoch report: a checkpoint, not an epoch's metrics
 # The ranks agree on the clock (a collective, ~1 ms on 2 busy CPUs) every this many steps only:
 # next to a 20 ms GPU step, every step would cost a few percent.
 CLOCK_EVERY_STEPS = 10
-
-
-def is_mid_epoch(row: dict[str, Any]) -> bool:
-    """A report row written for a mid-epoch checkpoint (the driver logs epochs only)."""
-    return STEP_KEY in row
 
 
 @dataclass

@@ -18,7 +18,6 @@ from typing import Any
 import mlflow
 from mlflow.tracking import MlflowClient
 from ray import tune
-from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import BasicVariantGenerator
 
@@ -32,14 +31,14 @@ from pipeline.config import (
     with_overrides,
 )
 from pipeline.dataset import data_version
+from pipeline.epoch_reports import EpochReporter, EpochTuneReport
 from pipeline.errors import StageError
 from pipeline.plots import plot_parallel_coordinates
 from pipeline.preflight import check_endpoints
-from pipeline.pretrain import EpochReporter, build_trainer, fit, plan
+from pipeline.pretrain import build_trainer, fit, plan
 from pipeline.ray_cluster import ensure_ray
 from pipeline.storage import join, read_text, resolved, write_text
 from pipeline.tracking import end_run_failed, git_commit, setup_mlflow, tracking_uri
-from pipeline.train_worker import is_mid_epoch
 
 LATEST_SWEEP_FILE = "latest-sweep.json"  # under tune.storage_path: what --resume continues
 PARENT_FILE = "mlflow-parent.json"  # in the sweep's folder: its MLflow parent run
@@ -118,15 +117,6 @@ def _searcher(tp: TuneParams):
         return ConcurrencyLimiter(OptunaSearch(seed=tp.seed), tp.max_concurrent_trials)
     # Tune ignores TuneConfig.max_concurrent_trials for a generator: it takes its own limit
     return BasicVariantGenerator(random_state=tp.seed, max_concurrent=tp.max_concurrent_trials)
-
-
-class EpochTuneReport(TuneReportCallback):
-    """Tune hears epochs only: a mid-epoch checkpoint's row has no metric for ASHA (the trial's
-    Ray Train run still resumes from that checkpoint)."""
-
-    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
-        if not is_mid_epoch(metrics[0]):
-            super().after_report(run_context, metrics, checkpoint)
 
 
 def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
