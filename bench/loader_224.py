@@ -66,7 +66,8 @@ def loader_rate(
     next(batches)  # start-up (first shard) is not the rate
     cpu, wall, count = time.process_time(), time.perf_counter(), 0
     for _ in range(args.batches):
-        count += len(next(batches))
+        next(batches)  # full batches only (partial=False)
+        count += args.batch_size
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     return {
         "images_per_s": round(count / wall, 1),

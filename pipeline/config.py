@@ -173,9 +173,10 @@ class TrainParams(_Section):
     # With loader_workers 0: keep each shard's decoded images in the worker after its first
     # epoch, up to this many MB (0 = decode every epoch). 28-px Fashion-MNIST: 24 MB a worker.
     decoded_cache_mb: int = Field(2048, ge=0)
-    # On CUDA workers: the loader only reads each image's bytes and the batch's JPEGs are decoded
+    # On CUDA workers: the loader only reads each JPEG's bytes and the batch's JPEGs are decoded
     # on the GPU (nvJPEG), taking JPEG decoding, the loader's main cost at 224 px, off the CPUs
-    # (other formats are still decoded on the CPU). No effect on CPU workers.
+    # (other formats are still decoded by the loader, and decoded_cache_mb is off with it: leave
+    # it false for small PNG shards). No effect on CPU workers.
     gpu_decode: bool = False
     system_metrics_seconds: float = Field(10.0, ge=0.0)  # MLflow system/node<k>/... (0 = off)
     shuffle_buffer: int = Field(2000, ge=0)

@@ -153,7 +153,7 @@ def training_loader(
     decoded: DecodedShards | None = None,
     encoded: bool = False,
     pin_memory: bool = False,
-) -> Iterable[tuple[Tensor, Tensor]] | Iterable[Tensor] | Iterable[list[Tensor]]:
+) -> Iterable[tuple[Tensor, Tensor]] | Iterable[Tensor] | Iterable[dict[str, Tensor]]:
     """(view_q, view_k) batches [B, C, H, W] for this rank; same (seed, epoch), same order.
 
     `transform=None` yields the unaugmented uint8 images instead, one [B, C, H, W] tensor per
@@ -168,8 +168,8 @@ def training_loader(
 
     `decoded` (raw batches, in-process loading only) serves shards decoded in an earlier epoch
     from memory and keeps the ones decoded now; the batches are the same as without it.
-    `encoded` (raw batches) yields each batch as a list: each JPEG's bytes (a 1-D uint8 tensor)
-    for `decode_batch` to decode on the training device, other images decoded as usual.
+    `encoded` (raw batches) yields each batch as a dict of tensors, the JPEGs' bytes packed for
+    `decode_batch` to decode on the training device, other images decoded as usual.
     `pin_memory` pins batches for asynchronous copies to a GPU."""
     if resampled and steps is None:
         raise ValueError("training_loader(resampled=True) streams forever: pass steps=")
@@ -203,7 +203,7 @@ def training_loader(
         batch = wds.batched(batch_size, collation_fn=_collate, partial=False)
     elif encoded:
         samples, views = [_tar_samples], [wds.map(partial(_jpeg_bytes_or_image, size=raw_size))]
-        batch = wds.batched(batch_size, collation_fn=list, partial=False)
+        batch = wds.batched(batch_size, collation_fn=_pack_encoded, partial=False)
     elif decoded is not None:  # decoded before the shuffle buffer: it then holds images
         samples, views = [partial(_decoded_images, size=raw_size, decoded=decoded)], []
         batch = wds.batched(batch_size, collation_fn=_stack_raw, partial=False)
@@ -430,18 +430,48 @@ def decode_image(data: bytes) -> Tensor:
     return tensor.unsqueeze(0) if tensor.ndim == 2 else tensor.permute(2, 0, 1).contiguous()
 
 
-def decode_batch(batch: list[Tensor], size: int, channels: int, device: torch.device) -> Tensor:
+def decode_batch(
+    batch: dict[str, Tensor], size: int, channels: int, device: torch.device
+) -> Tensor:
     """An encoded batch (training_loader's `encoded`) -> one uint8 [B, C, size, size] batch on
-    `device`: its JPEGs decoded there in one torchvision decode_jpeg call (nvJPEG on CUDA), then
-    resized and centre-cropped like `raw_size`; the loader's already decoded images copied."""
+    `device`: its JPEGs decoded there in one torchvision decode_jpeg call (nvJPEG on CUDA; on
+    the CPU for a batch nvJPEG refuses, e.g. an unusual chroma subsampling), then resized and
+    centre-cropped like `raw_size`; the images the loader decoded copied there."""
     mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
-    jpegs = [i for i, item in enumerate(batch) if item.ndim == 1]
-    images = [item.to(device, non_blocking=True) for item in batch]
+    count = len(batch["jpeg_at"]) + len(batch["image_at"])
+    out = torch.empty((count, channels, size, size), dtype=torch.uint8, device=device)
+    jpegs = list(torch.split(batch["jpeg_bytes"], batch["jpeg_lengths"].tolist()))
     if jpegs:
-        decoded = decode_jpeg([batch[i] for i in jpegs], mode=mode, device=device)
-        for i, image in zip(jpegs, decoded, strict=True):
-            images[i] = _square(image, size)
-    return torch.stack(images)
+        images = [_square(image, size) for image in _decode_jpegs(jpegs, mode, device)]
+        out[batch["jpeg_at"].to(device)] = torch.stack(images).to(device)
+    if len(batch["image_at"]):
+        out[batch["image_at"].to(device)] = batch["images"].to(device, non_blocking=True)
+    return out
+
+
+def _decode_jpegs(jpegs: list[Tensor], mode: ImageReadMode, device: torch.device) -> list[Tensor]:
+    # torchvision 0.29 marks decode_jpeg deprecated (for TorchCodec, not a dependency here)
+    try:
+        return decode_jpeg(jpegs, mode=mode, device=device)
+    except RuntimeError:
+        if device.type == "cpu":
+            raise
+        return decode_jpeg(jpegs, mode=mode)
+
+
+def _pack_encoded(items: list[Tensor]) -> dict[str, Tensor]:
+    """A batch of JPEG bytes (1-D) and decoded images (3-D) as five tensors: loader processes
+    hand each tensor over as one shared-memory segment, not one per image."""
+    jpeg_at = [i for i, item in enumerate(items) if item.ndim == 1]
+    image_at = [i for i, item in enumerate(items) if item.ndim == 3]
+    jpegs = [items[i] for i in jpeg_at]
+    return {
+        "jpeg_bytes": torch.cat(jpegs) if jpegs else torch.empty(0, dtype=torch.uint8),
+        "jpeg_lengths": torch.tensor([len(j) for j in jpegs], dtype=torch.int64),
+        "jpeg_at": torch.tensor(jpeg_at, dtype=torch.int64),
+        "images": _stack_raw([items[i] for i in image_at]) if image_at else torch.empty(0, 0),
+        "image_at": torch.tensor(image_at, dtype=torch.int64),
+    }
 
 
 def _jpeg_bytes_or_image(sample: dict[str, Any], *, size: int | None) -> Tensor:

@@ -1,6 +1,7 @@
 """What Ray Train's controller runs for us: the per-epoch callbacks (a progress line, MLflow
 metrics, Tune's report). The controller is a fresh process that imports this module to unpickle
-them: kept free of torch and the training code, it starts in about a second instead of four."""
+them: kept free of the training code (moco, torchvision, the data path; torch itself comes with
+Ray's TorchConfig), it starts ~1.5 s sooner than when they lived in pipeline.pretrain."""
 
 from __future__ import annotations
 

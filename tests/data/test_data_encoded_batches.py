@@ -11,9 +11,16 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.io import encode_jpeg
 
 from pipeline.config import load_params
-from pipeline.dataset import decode_batch, shard_urls, training_loader
+from pipeline.dataset import (
+    _pack_encoded,
+    decode_batch,
+    decode_image,
+    shard_urls,
+    training_loader,
+)
 from pipeline.shard import shard
 from pipeline.train_worker import decodes_on_device, views_on_device
 
@@ -69,11 +76,11 @@ def _decoded_like_the_loader(urls: list[str], device: torch.device, workers: int
     encoded = _epoch(urls, workers, raw_size=SIZE, encoded=True)
     assert len(encoded) == len(plain) >= 4
     # the JPEGs come as their bytes, the PNGs decoded by the loader (no GPU decoder for them)
-    items = [item for batch in encoded for item in batch]
-    assert sorted({item.ndim for item in items}) == [1, 3]
+    assert sum(len(batch["jpeg_at"]) for batch in encoded) > 0
+    assert sum(len(batch["image_at"]) for batch in encoded) > 0
     worst = 0.0
     for raw, batch in zip(plain, encoded, strict=True):
-        assert isinstance(batch, list) and all(b.dtype == torch.uint8 for b in batch)
+        assert batch["jpeg_bytes"].dtype == torch.uint8 and batch["jpeg_bytes"].ndim == 1
         images = decode_batch(batch, SIZE, 3, device)
         assert images.shape == (4, 3, SIZE, SIZE) and images.dtype == torch.uint8
         assert images.device.type == device.type
@@ -96,6 +103,17 @@ def test_encoded_batches_decode_on_the_gpu(colour_urls: list[str]) -> None:
     """nvJPEG's IDCT and chroma upsampling differ from libjpeg-turbo's by a level or two; a
     wrong channel order, crop or colour mode differs by tens."""
     assert _decoded_like_the_loader(colour_urls, torch.device("cuda"), 0) < 3.0
+
+
+def test_a_batch_of_only_jpegs_or_only_decoded_images() -> None:
+    image = torch.arange(3 * SIZE * SIZE, dtype=torch.uint8).reshape(3, SIZE, SIZE)
+    encoded = encode_jpeg(image, quality=100)
+    cpu = torch.device("cpu")
+    only_decoded = decode_batch(_pack_encoded([image, image]), SIZE, 3, cpu)
+    assert torch.equal(only_decoded, torch.stack([image, image]))
+    only_jpegs = decode_batch(_pack_encoded([encoded, encoded]), SIZE, 3, cpu)
+    expected = decode_image(encoded.numpy().tobytes())  # PIL, as the loader decodes
+    assert torch.equal(only_jpegs, torch.stack([expected, expected]))
 
 
 def test_encoded_batches_are_raw_batches_only(colour_urls: list[str]) -> None:
