@@ -2,17 +2,18 @@
 
 Measures, taking turns so that a busy or slow machine hits every figure alike:
 - the ceiling: `bench/train_step.py` (the workers' own step and data path, one thread) as one
-  process alone and as N processes side by side, reading PNGs from the shards as epoch 1 does
-  (issue 24's ceiling) and, with `--decoded`, images decoded once as later epochs do; each Ray
-  figure is also given against side-by-side processes on its own data path (epoch 1: PNG,
-  later epochs: decoded, the task: their mix over the run's epochs), the stricter ratio;
+  process alone and as N processes side by side, reading PNGs from the shards (issue 24's
+  ceiling) and, with `--decoded`, images decoded once as later epochs do; each Ray figure is
+  also given against side-by-side processes on its own data path (epoch 1: the shards' decoded
+  arrays where the shard stage stored them, else PNG; later epochs: decoded; the task: their
+  mix over the run's epochs), the stricter ratio;
 - `mocopipe pretrain` on N Ray workers, called as the flow's task calls it (in this process,
   a fresh local Ray, a throw-away MLflow store): each epoch's rate and data wait from the run's
   MLflow metrics, and the task rate (epochs x images / the call's wall time, start to exported
   encoder);
 - the per-step time of each collective on N gloo processes at the run's shapes (the gradient
   all-reduce as one flat tensor, the shuffle-BN gather of both views, the key un-shuffle gather),
-  and of decoding a shard image (PNG vs kept decoded);
+  and of reading a shard image (PNG decode, the shard's decoded array, kept in memory);
 - the matmul peak of one thread (bf16, fp32), to put absolute figures in scale.
 
 Prints a markdown table and a final JSON line. Needs the shards (`make data`). Example:
@@ -160,11 +161,12 @@ def collective_seconds(params: Params, world: int) -> dict[str, float]:
 
 
 def decode_us_per_image(params: Params, shards: str) -> dict[str, float]:
-    """Reading a shard image into a uint8 tensor: PNG decode vs kept decoded (DecodedShards)."""
+    """Reading a shard image into a uint8 tensor: PNG decode (the tar streamed), the shard's
+    stored decoded array (when it has one), and kept in memory (DecodedShards)."""
     urls = shard_urls(shards, "train")[:2]
     decoded = DecodedShards(params.train.decoded_cache_mb << 20)
     result = {}
-    for name, epoch in (("png", 0), ("decoded", 1)):  # epoch 0 fills the cache
+    for name, kept in (("png", None), ("array", decoded), ("decoded", decoded)):
         started, count = time.perf_counter(), 0
         for batch in training_loader(
             urls,
@@ -173,9 +175,9 @@ def decode_us_per_image(params: Params, shards: str) -> dict[str, float]:
             batch_size=256,
             shuffle_buffer=0,
             seed=0,
-            epoch=epoch,
+            epoch=0,
             loader_workers=0,
-            decoded=decoded,
+            decoded=kept,  # "array" fills it (from the arrays, or decoding when there are none)
         ):
             count += len(batch)
         result[f"{name}_us_per_image"] = round((time.perf_counter() - started) / count * 1e6, 2)
@@ -209,8 +211,12 @@ def main() -> None:
     step_s = params.train.global_batch / ray["later_epochs_images_per_s"]
     pct = lambda rate, of=ceiling: f"{100 * rate / of:.0f}%"  # noqa: E731
     fmt = lambda xs: " / ".join(f"{x:,.0f}" for x in xs)  # noqa: E731
-    # the same data path as the run: epoch 1 reads PNGs, later epochs images decoded once
-    ceiling_mixed = epochs / (1 / ceiling + (epochs - 1) / ceiling_decoded)
+    # the same data path as the run: epoch 1 reads the shards' decoded arrays where the shard
+    # stage stored them, else PNGs; later epochs images decoded once
+    arrays = all("decoded" in s for s in read_manifest(args.shards, "train")["shards"])
+    ceiling_epoch1 = ceiling_decoded if arrays else ceiling
+    ceiling_mixed = epochs / (1 / ceiling_epoch1 + (epochs - 1) / ceiling_decoded)
+    epoch1_path = "the shards' decoded arrays" if arrays else "PNG"
     later = ray["later_epochs_images_per_s"]
     rows = [
         ("1 process alone, PNG (rounds)", fmt(rounds["alone_png"]), "", ""),
@@ -223,16 +229,17 @@ def main() -> None:
             "",
         ),
         (
-            f"{workers} side by side, epoch 1 PNG then decoded ({epochs} epochs)",
+            f"{workers} side by side, epoch 1 {epoch1_path} then decoded ({epochs} epochs)",
             f"{ceiling_mixed:,.0f}",
             pct(ceiling_mixed),
             "",
         ),
         (
-            f"{workers} Ray workers, epoch 1 (data-wait {ray['epoch1_data_wait']:.3f})",
+            f"{workers} Ray workers, epoch 1 from {epoch1_path} "
+            f"(data-wait {ray['epoch1_data_wait']:.3f})",
             f"{ray['epoch1_images_per_s']:,.0f}",
             pct(ray["epoch1_images_per_s"]),
-            pct(ray["epoch1_images_per_s"]),
+            pct(ray["epoch1_images_per_s"], ceiling_epoch1),
         ),
         (
             f"{workers} Ray workers, epochs 2-{epochs} (data-wait "
@@ -258,8 +265,8 @@ def main() -> None:
     for name in ("gradient_all_reduce", "shuffle_bn_gather", "key_unshuffle_gather"):
         print(f"- {name}: {collectives[name] * 1e3:.1f} ms ({pct(collectives[name], step_s)})")
     print(
-        f"- decoding: PNG {decode['png_us_per_image']} us/image, kept decoded "
-        f"{decode['decoded_us_per_image']} us/image"
+        f"- reading an image: PNG {decode['png_us_per_image']} us, the shard's decoded array "
+        f"{decode['array_us_per_image']} us, kept in memory {decode['decoded_us_per_image']} us"
     )
     print(f"- matmul peak, 1 thread: bf16 {peaks['bfloat16']} GFLOP/s, fp32 {peaks['float32']}")
     print(

@@ -170,8 +170,9 @@ class TrainParams(_Section):
     cpus_per_worker: float = Field(1.0, gt=0.0)
     use_gpu: bool = False
     loader_workers: int = Field(0, ge=0)  # DataLoader processes per Ray worker
-    # With loader_workers 0: keep each shard's decoded images in the worker after its first
-    # epoch, up to this many MB (0 = decode every epoch). 28-px Fashion-MNIST: 24 MB a worker.
+    # With loader_workers 0: each shard's images read from its stored decoded array (small
+    # images, pipeline/shard.py) or decoded once, then kept in the worker up to this many MB
+    # (0 = off: every epoch decodes the tars' PNGs). 28-px Fashion-MNIST: 24 MB a worker.
     decoded_cache_mb: int = Field(2048, ge=0)
     # On CUDA workers: the loader only reads each JPEG's bytes and the batch's JPEGs are decoded
     # on the GPU (nvJPEG), taking JPEG decoding, the loader's main cost at 224 px, off the CPUs

@@ -16,10 +16,12 @@ Why it is built this way:
   replaced shard (a bad upload, a bit flip in the object store) fails the run naming the shard,
   never skipped. Its samples were already yielded by then; the check is on the stream, so it
   costs no second read.
-- Small images are decoded once per run, not once per epoch: the raw training loader can keep
-  each shard's decoded uint8 images in the training process (`DecodedShards`, bounded by
-  train.decoded_cache_mb). Reading a 28-px sample out of a tar and decoding its PNG costs ~160 us
-  on one core, ~15% of a CPU worker's step; from memory it costs nothing. Large images (224-px
+- Small images are not decoded at all: the raw training loader (`DecodedShards`, bounded by
+  train.decoded_cache_mb) reads the uint8 array the shard stage stored beside each shard of
+  small images (checked against its sha256 like a tar), or, for shards without one, decodes the
+  shard once and keeps its images in the training process for later epochs. Reading a 28-px
+  sample out of a tar and decoding its PNG costs ~160 us on one core, ~15% of a CPU worker's
+  step; from the array or memory it costs nothing. Large images (224-px
   JPEGs) do not fit: they stream, decoded in loader processes off the training thread, or, on
   GPU workers (`encoded=True`, train.gpu_decode), not decoded by the loader at all: it passes
   each JPEG's bytes and `decode_batch` decodes the batch's JPEGs on the GPU (nvJPEG).
@@ -242,8 +244,9 @@ def eval_loader(
 
 class DecodedShards:
     """Whole shards' decoded uint8 images, kept in this process across epochs, up to a byte
-    budget (shards past it stream and decode as usual). A shard enters only once it was read to
-    its end, so its sha256 was checked against its manifest; later epochs read it from memory."""
+    budget (shards past it stream and decode as usual). A shard enters only once it was
+    checked against its manifest (its stored array, or its tar read to its end); later epochs
+    read it from memory."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes, self.bytes = max_bytes, 0
@@ -256,30 +259,50 @@ class DecodedShards:
         """The shard's images [N, C, H, W] in shard order, or None when not kept."""
         return self._images.get(url)
 
-    def offer(self, url: str, images: list[Tensor]) -> None:
-        """Keep a fully read shard's images if they share one shape and fit the budget."""
-        size = sum(image.numel() for image in images)
-        if not images or len({image.shape for image in images}) > 1:
-            return
-        if self.bytes + size <= self.max_bytes:
-            self._images[url] = torch.stack(images)
-            self.bytes += size
+    def offer(self, url: str, images: Tensor) -> None:
+        """Keep a verified shard's images [N, C, H, W] if they fit the budget."""
+        if self.bytes + images.numel() <= self.max_bytes:
+            self._images[url] = images
+            self.bytes += images.numel()
 
 
 def _decoded_images(
     src: Iterable[dict[str, Any]], *, size: int | None, decoded: DecodedShards
 ) -> Iterator[Tensor]:
-    """Shards -> raw images (see _raw_image): from `decoded` when kept there, else read and
-    decoded, then offered to it."""
+    """Shards -> raw images (see _raw_image): kept in `decoded`, else the shard's decoded
+    array when its manifest lists one of this size, else read and decoded; offered to it."""
     for shard in src:
-        if (kept := decoded.get(shard["url"])) is not None:
+        url = shard["url"]
+        if (kept := decoded.get(url)) is not None:
             yield from kept
+            continue
+        if (stored := _stored_decoded(url, size)) is not None:
+            decoded.offer(url, stored)
+            yield from stored
             continue
         images = []
         for sample in _tar_samples([shard]):  # ends after the shard's sha256 check
             images.append(_raw_image(sample, size=size))
             yield images[-1]
-        decoded.offer(shard["url"], images)
+        if images and len({image.shape for image in images}) == 1:
+            decoded.offer(url, torch.stack(images))
+
+
+def _stored_decoded(url: str, size: int | None) -> Tensor | None:
+    """The uint8 [N, C, H, W] array the shard stage stored beside this shard (small images of
+    one size), checked against its manifest's sha256; None when there is none of `size` px."""
+    listed = (_listed_shard(url) or {}).get("decoded")
+    if listed is None or (size is not None and listed["shape"][-2:] != [size, size]):
+        return None
+    array_url = f"{url.rpartition('/')[0]}/{listed['file']}"
+    with _open_url(array_url) as stream:
+        data = stream.read()
+    if (actual := hashlib.sha256(data).hexdigest()) != listed["sha256"]:
+        raise ShardIntegrityError(
+            f"decoded array {array_url}: sha256 {actual[:16]}... does not match its manifest's "
+            f"{listed['sha256'][:16]}...; re-run the shard stage or restore it (dvc pull)"
+        )
+    return torch.from_numpy(np.load(io.BytesIO(data), allow_pickle=False))
 
 
 def _require(urls: list[str]) -> list[str]:
@@ -361,11 +384,8 @@ def _open_shards(src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
     end), the rest of the stream is drained and the digest compared with the manifest's."""
     for item in src:
         url = item["url"]
-        if urlparse(url).scheme in _NATIVE_SCHEMES:
-            stream = gopen(url, "rb")
-        else:
-            stream = fsspec.open(url, "rb").open()
-        expected = _listed_sha256(url)
+        stream = _open_url(url)
+        expected = (_listed_shard(url) or {}).get("sha256")
         if expected is None:
             yield {**item, "stream": stream}
             continue
@@ -400,9 +420,15 @@ class _HashingStream:
         self.stream.close()
 
 
-def _listed_sha256(url: str) -> str | None:
-    """The sha256 the shard's manifest (beside it) lists, read when the shard is opened (a
-    rebuild or an append may have changed it); None for `pipe:` URLs and unlisted shards."""
+def _open_url(url: str) -> IO[bytes]:
+    if urlparse(url).scheme in _NATIVE_SCHEMES:
+        return gopen(url, "rb")
+    return fsspec.open(url, "rb").open()
+
+
+def _listed_shard(url: str) -> dict[str, Any] | None:
+    """The shard's record in the manifest beside it, read when the shard is opened (a rebuild
+    or an append may have changed it); None for `pipe:` URLs and unlisted shards."""
     if urlparse(url).scheme == "pipe":
         return None
     folder, _, name = url.rpartition("/")
@@ -412,7 +438,7 @@ def _listed_sha256(url: str) -> str | None:
             shards = json.load(stream)["shards"]
     except FileNotFoundError:
         return None
-    return next((s["sha256"] for s in shards if s["file"] == name), None)
+    return next((s for s in shards if s["file"] == name), None)
 
 
 def _wanted(name: str) -> bool:

@@ -11,6 +11,11 @@ Why it is built this way:
 - Incremental for folders: a re-run shards only files whose content is new, into new shards
   numbered after the existing ones; old shards are never rewritten. Changing anything that shapes
   the output (image mode, shard sizes, class folders, max_pixels) rebuilds the split.
+- Small images are stored twice: in the tar (the shard every reader reads) and, when all of a
+  shard's images are small and one size, as one uint8 [N, C, H, W] array beside it
+  (`shard-000000.npy`, listed in the manifest with its sha256). Training reads the array instead
+  of decoding each PNG (pipeline/dataset.py); it derives from the tar, so the data version is
+  the same with or without it.
 - Nothing silent: bad inputs are quarantined with a reason, byte-identical duplicates are stored
   once and counted, files without an image suffix are listed as ignored.
 """
@@ -36,6 +41,7 @@ from multiprocessing.pool import Pool
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
+import numpy as np
 from rich.console import Console
 from rich.progress import track
 from webdataset import ShardWriter
@@ -56,8 +62,9 @@ from pipeline.storage import filesystem, is_remote, join, resolved
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 2  # 2: decoded arrays beside the shards of small images
 SHARD_PATTERN = "shard-%06d.tar"
+DECODED_PATTERN = "shard-%06d.npy"
 MANIFEST = "manifest.json"
 QUARANTINE = "quarantine.jsonl"
 TAR_BLOCK = 512
@@ -116,6 +123,7 @@ class _Entry:
     height: int
     offset: int
     length: int
+    pixels_length: int  # decoded pixels, right after the stored bytes in the spool (0: none)
 
 
 @dataclass
@@ -241,8 +249,8 @@ def _upload(url: str, staging: Path, before: dict[str, dict[str, Any]]) -> None:
     for split, (manifest, old) in changed.items():
         _refuse_rebuild(url, split, manifest, old)
     for split, (manifest, old) in changed.items():
-        known = {s["file"] for s in old["shards"]} if old else set()
-        for name in (s["file"] for s in manifest["shards"]):
+        known = {name for s in old["shards"] for name in shard_files(s)} if old else set()
+        for name in (name for s in manifest["shards"] for name in shard_files(s)):
             if name not in known:
                 fs.put_file(str(staging / split / name), f"{root}/{split}/{name}")
     for name in (QUARANTINE, MANIFEST):
@@ -304,7 +312,7 @@ def _stage_split(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     manifest = _manifest(split, job, base, scan, shards)
-    new_files = [s["file"] for s in shards]
+    new_files = [name for record in shards for name in shard_files(record)]
     return _Staged(split, tmp, manifest, new_files, not append, len(scan.entries), scan.quarantine)
 
 
@@ -356,6 +364,7 @@ def _record(
     prepared = result.prepared
     offset = spool.tell()
     spool.write(prepared.data)
+    spool.write(prepared.pixels)
     scan.entries.append(
         _Entry(
             candidate.ref,
@@ -366,6 +375,7 @@ def _record(
             prepared.height,
             offset,
             len(prepared.data),
+            len(prepared.pixels),
         )
     )
 
@@ -467,7 +477,12 @@ def _write_shards(
             spool.seek(entry.offset)
             data = spool.read(entry.length)
             writer.write(_sample(entry, data, first_index + i, job.src.classes))
-    return [_shard_record(tmp, start + j, count) for j, count in enumerate(counts)]
+    bounds = [0, *accumulate(counts)]
+    channels = 1 if job.mode == "L" else 3
+    return [
+        _shard_record(tmp, start + j, entries[a:b], spool, channels)
+        for j, (a, b) in enumerate(pairwise(bounds))
+    ]
 
 
 def _tar_bytes(length: int) -> int:
@@ -494,15 +509,42 @@ def _sample(entry: _Entry, data: bytes, index: int, classes: list[str]) -> dict[
     return sample
 
 
-def _shard_record(folder: Path, number: int, count: int) -> dict[str, Any]:
+def _shard_record(
+    folder: Path, number: int, entries: list[_Entry], spool: IO[bytes], channels: int
+) -> dict[str, Any]:
     name = SHARD_PATTERN % number
     path = folder / name
-    return {
+    record = {
         "file": name,
         "sha256": _file_sha256(path),
-        "samples": count,
+        "samples": len(entries),
         "bytes": path.stat().st_size,
     }
+    decoded = _write_decoded(folder / (DECODED_PATTERN % number), entries, spool, channels)
+    return record if decoded is None else {**record, "decoded": decoded}
+
+
+def _write_decoded(
+    path: Path, entries: list[_Entry], spool: IO[bytes], channels: int
+) -> dict[str, Any] | None:
+    """The shard's images as one uint8 [N, C, H, W] .npy, in the tar's order, when they are all
+    small (they carry pixels) and of one size; None otherwise (the tar alone serves)."""
+    sizes = {(e.height, e.width) for e in entries}
+    if len(sizes) != 1 or not all(e.pixels_length for e in entries):
+        return None
+    ((height, width),) = sizes
+    images = np.empty((len(entries), channels, height, width), dtype=np.uint8)
+    for k, entry in enumerate(entries):
+        spool.seek(entry.offset + entry.length)
+        pixels = np.frombuffer(spool.read(entry.pixels_length), dtype=np.uint8)
+        images[k] = pixels.reshape(height, width, channels).transpose(2, 0, 1)
+    np.save(path, images, allow_pickle=False)
+    return {"file": path.name, "sha256": _file_sha256(path), "shape": list(images.shape)}
+
+
+def shard_files(record: dict[str, Any]) -> list[str]:
+    """A manifest shard record's files: the tar and, for small images, its decoded array."""
+    return [record["file"], *([record["decoded"]["file"]] if "decoded" in record else [])]
 
 
 def _file_sha256(path: Path) -> str:
@@ -614,8 +656,8 @@ def _previous_manifest(split_dir: Path) -> dict[str, Any] | None:
         return None
     if manifest.get("format") != FORMAT:
         return None
-    listed = {s["file"] for s in manifest["shards"]}
-    for orphan in split_dir.glob("shard-*.tar"):
+    listed = {name for s in manifest["shards"] for name in shard_files(s)}
+    for orphan in [*split_dir.glob("shard-*.tar"), *split_dir.glob("shard-*.npy")]:
         if orphan.name not in listed:
             orphan.unlink()
     return manifest

@@ -361,7 +361,8 @@ def _train(cfg: WorkerConfig, params: Params, rank: int, world: int) -> None:
     checkpointer = Checkpointer(
         model, optimizer, scheduler, params, cfg.steps_per_epoch, rank, device
     )
-    # small images: decoded in the first epoch, read from memory after it (pipeline/dataset.py)
+    # small images: the shards' stored decoded arrays (or decoded in the first epoch), then
+    # read from memory (pipeline/dataset.py)
     encoded = decodes_on_device(params, device)
     in_process = t.loader_workers == 0 and t.decoded_cache_mb > 0 and not encoded
     decoded = DecodedShards(t.decoded_cache_mb << 20) if in_process else None

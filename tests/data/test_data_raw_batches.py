@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ from data_stage_helpers import decode_index, identity_pair, write_indexed
 from PIL import Image
 
 from moco.augment import BatchMoCoAugment, BatchTwoCrops
+from pipeline import dataset
 from pipeline.dataset import (
     DecodedShards,
     ShardIntegrityError,
@@ -81,14 +83,26 @@ def test_mixed_sizes_need_raw_size(tmp_path: Path, make_params) -> None:
         )
 
 
+def _without_decoded_arrays(root: str) -> None:
+    """The split as the shard stage writes it for large images: tars only."""
+    manifest_path = Path(root) / "train" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    for record in manifest["shards"]:
+        (manifest_path.parent / record.pop("decoded")["file"]).unlink()
+    manifest_path.write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("arrays", [True, False], ids=["stored-arrays", "tars-only"])
 def test_decoded_shards_give_every_epoch_the_same_batches_as_decoding(
-    tmp_path: Path, make_params
+    tmp_path: Path, make_params, arrays: bool
 ) -> None:
-    """Epoch 0 decodes and keeps the shards, later epochs read them from memory: the batches
-    are, epoch by epoch, those of a loader that decodes every time."""
-    urls = shard_urls(
-        shard(make_params(), str(write_indexed(tmp_path / "src", range(64)))).shards_dir, "train"
-    )
+    """Epoch 0 reads the stored arrays (or decodes the tars) and keeps the shards, later epochs
+    read them from memory: the batches are, epoch by epoch, those of a loader that decodes
+    every PNG every time."""
+    root = shard(make_params(), str(write_indexed(tmp_path / "src", range(64)))).shards_dir
+    if not arrays:
+        _without_decoded_arrays(root)
+    urls = shard_urls(root, "train")
     decoded = DecodedShards(max_bytes=1 << 20)
     for epoch in range(3):
         plain = _raw_epoch(urls, workers=0, epoch=epoch)
@@ -114,8 +128,37 @@ def test_decoded_shards_keep_only_what_fits_and_only_in_process(
         _raw_epoch(urls, workers=2, decoded=decoded)
 
 
+def test_stored_arrays_spare_every_png_decode(tmp_path: Path, make_params, monkeypatch) -> None:
+    root = shard(make_params(), str(write_indexed(tmp_path / "src", range(64)))).shards_dir
+    urls = shard_urls(root, "train")
+
+    def refuse(data: bytes) -> torch.Tensor:
+        raise AssertionError("a PNG was decoded")
+
+    monkeypatch.setattr(dataset, "decode_image", refuse)
+    batches = _raw_epoch(urls, workers=0, decoded=DecodedShards(max_bytes=1 << 20))
+    assert sorted(i for b in batches for i in decode_index(b)) == list(range(64))
+    _without_decoded_arrays(root)
+    with pytest.raises(AssertionError, match="a PNG was decoded"):
+        _raw_epoch(urls, workers=0, decoded=DecodedShards(max_bytes=1 << 20))
+
+
+def test_a_changed_stored_array_fails_naming_it(tmp_path: Path, make_params) -> None:
+    root = shard(make_params(), str(write_indexed(tmp_path / "src", range(64)))).shards_dir
+    urls = shard_urls(root, "train")
+    array = Path(urls[0]).with_suffix(".npy")
+    data = bytearray(array.read_bytes())
+    data[-1] ^= 0xFF  # one pixel of the last image
+    array.write_bytes(bytes(data))
+    decoded = DecodedShards(max_bytes=1 << 20)
+    with pytest.raises(ShardIntegrityError, match=array.name):
+        _raw_epoch(urls[:1], workers=0, decoded=decoded)
+    assert len(decoded) == 0
+
+
 def test_a_shard_is_kept_only_after_its_checksum_passed(tmp_path: Path, make_params) -> None:
     root = shard(make_params(), str(write_indexed(tmp_path / "src", range(64)))).shards_dir
+    _without_decoded_arrays(root)
     urls = shard_urls(root, "train")
     path = Path(urls[0])
     data = bytearray(path.read_bytes())

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -19,11 +21,12 @@ from data_stage_helpers import (
     stored_samples,
     write_indexed,
 )
+from PIL import Image
 
 import pipeline.shard as shard_module
-from pipeline.dataset import data_version, read_manifest
+from pipeline.dataset import IMAGE_KEYS, data_version, read_manifest
 from pipeline.shard import EmptySourceError, plan_shards, shard
-from pipeline.sources import SourceError
+from pipeline.sources import DECODED_MAX_PIXELS, SourceError
 
 
 def test_bad_inputs_are_quarantined_counted_and_reported(corpus, make_params):
@@ -82,6 +85,41 @@ def test_grayscale_mode_keeps_one_channel(tmp_path, make_params):
     forced = shard(make_params(shards="rgb", image_mode="RGB"), str(folder))
     sample = next(iter(stored_samples(Path(forced.shards_dir) / "train").values()))
     assert stored_pixels(sample).shape == (8, 8, 3)
+
+
+def _shard_images(tar_path: Path) -> list[np.ndarray]:
+    """A shard's images in tar order, HWC, read with plain tarfile and PIL."""
+    with tarfile.open(tar_path) as tar:
+        members = [m for m in tar.getmembers() if m.name.rpartition(".")[2] in IMAGE_KEYS]
+        return [
+            stored_pixels({m.name.rpartition(".")[2]: tar.extractfile(m).read()}) for m in members
+        ]
+
+
+@pytest.mark.parametrize(("min_shards", "with_arrays"), [(12, 11), (6, 1)])
+def test_small_images_of_one_size_are_also_stored_decoded(
+    corpus, make_params, min_shards, with_arrays
+):
+    """A shard gets a uint8 [N, C, H, W] array beside it, equal to decoding its tar's images
+    (tarfile and PIL here), exactly when they share one size and are small: with one image
+    per shard, all but the large one; with two, only the pair of 16-px images."""
+    Image.new("RGB", (100, 100), (9, 9, 9)).save(corpus / "dog/zlarge.png")  # 10,000 pixels
+    summary = shard(make_params(max_pixels=BOMB_LIMIT, min_shards=min_shards), str(corpus))
+    split = Path(summary.shards_dir) / "train"
+    stored = []
+    for record in read_manifest(summary.shards_dir, "train")["shards"]:
+        images = _shard_images(split / record["file"])
+        small = images[0].shape[0] * images[0].shape[1] <= DECODED_MAX_PIXELS
+        assert ("decoded" in record) == (small and len({i.shape for i in images}) == 1)
+        if "decoded" in record:
+            path = split / record["decoded"]["file"]
+            assert hashlib.sha256(path.read_bytes()).hexdigest() == record["decoded"]["sha256"]
+            array = np.load(path, allow_pickle=False)
+            np.testing.assert_array_equal(array, np.stack([i.transpose(2, 0, 1) for i in images]))
+            assert record["decoded"]["shape"] == list(array.shape)
+            stored.append(path.name)
+    assert len(stored) == with_arrays
+    assert sorted(p.name for p in split.glob("*.npy")) == sorted(stored)
 
 
 def test_a_source_without_valid_images_fails_with_one_clear_line(tmp_path, make_params):
