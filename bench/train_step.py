@@ -252,6 +252,7 @@ def main() -> None:
             "decoded": args.decoded,
             "measured_side_by_side": requested,
             "images_per_s": round(t.batch_size / step_median, 1),
+            "images_per_s_mean": round(t.batch_size * len(measured) / total, 1),
             "s_per_step_median": round(step_median, 4),
             "data_wait_fraction": round(sum(r["data_wait"] for r in measured) / total, 4),
             "breakdown_s": {
