@@ -478,9 +478,8 @@ def _write_shards(
             data = spool.read(entry.length)
             writer.write(_sample(entry, data, first_index + i, job.src.classes))
     bounds = [0, *accumulate(counts)]
-    channels = 1 if job.mode == "L" else 3
     return [
-        _shard_record(tmp, start + j, entries[a:b], spool, channels)
+        _shard_record(tmp, start + j, entries[a:b], spool)
         for j, (a, b) in enumerate(pairwise(bounds))
     ]
 
@@ -510,7 +509,7 @@ def _sample(entry: _Entry, data: bytes, index: int, classes: list[str]) -> dict[
 
 
 def _shard_record(
-    folder: Path, number: int, entries: list[_Entry], spool: IO[bytes], channels: int
+    folder: Path, number: int, entries: list[_Entry], spool: IO[bytes]
 ) -> dict[str, Any]:
     name = SHARD_PATTERN % number
     path = folder / name
@@ -520,19 +519,18 @@ def _shard_record(
         "samples": len(entries),
         "bytes": path.stat().st_size,
     }
-    decoded = _write_decoded(folder / (DECODED_PATTERN % number), entries, spool, channels)
+    decoded = _write_decoded(folder / (DECODED_PATTERN % number), entries, spool)
     return record if decoded is None else {**record, "decoded": decoded}
 
 
-def _write_decoded(
-    path: Path, entries: list[_Entry], spool: IO[bytes], channels: int
-) -> dict[str, Any] | None:
+def _write_decoded(path: Path, entries: list[_Entry], spool: IO[bytes]) -> dict[str, Any] | None:
     """The shard's images as one uint8 [N, C, H, W] .npy, in the tar's order, when they are all
     small (they carry pixels) and of one size; None otherwise (the tar alone serves)."""
     sizes = {(e.height, e.width) for e in entries}
     if len(sizes) != 1 or not all(e.pixels_length for e in entries):
         return None
     ((height, width),) = sizes
+    channels = entries[0].pixels_length // (height * width)  # 1 (L) or 3 (RGB), the split's mode
     images = np.empty((len(entries), channels, height, width), dtype=np.uint8)
     for k, entry in enumerate(entries):
         spool.seek(entry.offset + entry.length)
